@@ -1,0 +1,685 @@
+"""What every HVP script shares: config, checkpoints, distributed set-up, signals, video and plot writing.
+
+Kept deliberately small; each top-level script owns its model and its loop.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent
+CONFIG_DIR = ROOT / "configs"
+DEFAULTS_DIR = CONFIG_DIR / "defaults"
+DEFAULT_CONFIG = "synth_drive.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message names it."""
+
+
+# ----------------------------------------------------------------------------- config
+
+class Config(dict):
+    """A nested dict with attribute access: cfg.structure.lr == cfg["structure"]["lr"]."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"config has no key {name!r}") from None
+
+    def to_dict(self) -> dict:
+        return {k: v.to_dict() if isinstance(v, Config) else copy.deepcopy(v) for k, v in self.items()}
+
+    def get_path(self, dotted: str):
+        node = self
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
+
+def _to_config(tree):
+    return Config({k: _to_config(v) for k, v in tree.items()}) if isinstance(tree, dict) else tree
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            tree = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(tree).__name__}")
+    return tree
+
+
+def load_schema() -> dict:
+    """Every known key and its default, one file per top-level section in configs/defaults/."""
+    schema = {}
+    for path in sorted(DEFAULTS_DIR.glob("*.yaml")):
+        schema[path.stem] = _read_yaml(path)
+    return schema
+
+
+def _type_name(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check_value(key: str, value, default, origin: str):
+    """Return value coerced to the default's type, or raise naming the key."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+    elif isinstance(default, list):
+        if isinstance(value, list):
+            return value
+    elif isinstance(default, dict):
+        if isinstance(value, dict):
+            return value
+    raise ConfigError(f"config key {key!r} expects {_type_name(default)}, got {_type_name(value)} {value!r} ({origin})")
+
+
+def _merge(base: dict, update: dict, schema: dict, prefix: str, origin: str) -> dict:
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if key not in schema:
+            known = ", ".join(sorted(schema)) or "none"
+            raise ConfigError(f"unknown config key {dotted!r} ({origin}); known keys here: {known}")
+        if isinstance(schema[key], dict) and schema[key] and isinstance(value, dict):
+            _merge(base[key], value, schema[key], dotted + ".", origin)
+        else:
+            base[key] = _check_value(dotted, value, schema[key], origin)
+    return base
+
+
+def resolve_config_path(name_or_path: str | os.PathLike | None) -> Path:
+    name = str(name_or_path or DEFAULT_CONFIG)
+    for candidate in (Path(name), CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    available = ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config {name!r} not found as a path or in {CONFIG_DIR}; available: {available}")
+
+
+def _file_layers(path: Path, seen=()) -> list[tuple[Path, dict]]:
+    """A config may name a parent with `inherit: other.yaml`; parents apply first."""
+    tree = _read_yaml(path)
+    parent = tree.pop("inherit", None)
+    if parent is None:
+        return [(path, tree)]
+    if path in seen:
+        raise ConfigError(f"{path}: inherit cycle")
+    return _file_layers(resolve_config_path(parent), seen + (path,)) + [(path, tree)]
+
+
+def parse_override(token: str) -> tuple[str, object]:
+    """'--a.b=3' -> ('a.b', 3). Values are parsed as YAML scalars so types come out right."""
+    body = token[2:] if token.startswith("--") else token
+    if "=" not in body:
+        raise ConfigError(f"override {token!r} must look like --key=value")
+    key, raw = body.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(name_or_path=None, overrides=()) -> Config:
+    """Schema defaults <- YAML file (and its parents) <- overrides ('key=value' strings or (key, value) pairs)."""
+    schema = load_schema()
+    cfg = copy.deepcopy(schema)
+    path = resolve_config_path(name_or_path)
+    for layer_path, tree in _file_layers(path):
+        _merge(cfg, tree, schema, "", f"from {layer_path}")
+    for item in overrides:
+        key, value = parse_override(item) if isinstance(item, str) else item
+        *parents, leaf = key.split(".")
+        nested = {leaf: value}
+        for parent in reversed(parents):
+            nested = {parent: nested}
+        _merge(cfg, nested, schema, "", f"from --{key}")
+    cfg = _to_config(cfg)
+    cfg["config_file"] = str(path)
+    return cfg
+
+
+def describe_schema(schema: dict, prefix: str = "") -> list[str]:
+    lines = []
+    for key, value in schema.items():
+        if isinstance(value, dict) and value:
+            lines += describe_schema(value, f"{prefix}{key}.")
+        else:
+            lines.append(f"  --{prefix}{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+    return lines
+
+
+@dataclass
+class Args:
+    cfg: str | None = None
+    resume: str | None = None  # None: start fresh; "auto": the run's latest checkpoint; else a path
+
+
+def parse_args(argv=None, aliases: dict | None = None, description: str = "") -> tuple[Config, Args]:
+    """Command line: --cfg NAME.yaml, --resume[=PATH], -h, and --key=value / --key value overrides.
+
+    `aliases` maps short flags to config keys (e.g. {"frames": "rollout.frames"}); an alias or key
+    whose default is a bool may be given bare (--shotwise) to mean true.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    aliases = aliases or {}
+    schema = load_schema()
+    args, overrides = Args(), []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token in ("-h", "--help"):
+            print(description.strip() + "\n\nusage: --cfg NAME.yaml [--resume[=CKPT]] [--key=value ...]\n")
+            if aliases:
+                print("short flags: " + ", ".join(f"--{a} -> {k}" for a, k in aliases.items()) + "\n")
+            print("keys and defaults (configs/defaults/*.yaml):")
+            print("\n".join(describe_schema(schema)))
+            raise SystemExit(0)
+        if not token.startswith("--"):
+            raise ConfigError(f"unexpected argument {token!r}; use --key=value")
+        name, has_value, value = token[2:].partition("=")
+        if not has_value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value, has_value = argv[i + 1], True
+            i += 1
+        i += 1
+        if name == "cfg":
+            args.cfg = value if has_value else None
+            if not has_value:
+                raise ConfigError("--cfg needs a config name, e.g. --cfg kitti64.yaml")
+            continue
+        if name == "resume":
+            args.resume = value if has_value else "auto"
+            continue
+        key = aliases.get(name, name)
+        if not has_value:
+            try:
+                default = _lookup(schema, key)
+            except KeyError:
+                raise ConfigError(f"unknown config key {key!r} (from --{name})") from None
+            if not isinstance(default, bool):
+                raise ConfigError(f"--{name} needs a value (config key {key!r})")
+            overrides.append((key, True))
+        else:
+            overrides.append(f"{key}={value}")
+    return load_config(args.cfg, overrides), args
+
+
+def _lookup(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+def save_config(cfg: Config, path) -> None:
+    atomic_write_bytes(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+
+
+# ----------------------------------------------------------------------------- atomic files
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+# ----------------------------------------------------------------------------- seeding and RNG state
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- distributed
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_DIST = Dist()
+
+
+def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
+    if preference == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if preference.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"run.device={preference!r} but no CUDA device is available")
+    if preference == "cuda":
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device(preference)
+
+
+def setup_distributed(device_preference: str = "auto") -> Dist:
+    """Initialise torch.distributed when launched by torchrun (nccl on GPU, gloo on CPU)."""
+    global _DIST
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_preference, local_rank)
+    if world_size > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    _DIST = Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return _DIST
+
+
+def cleanup_distributed() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def dist_info() -> Dist:
+    return _DIST
+
+
+def log(*parts) -> None:
+    """Print on rank 0 only, without breaking tqdm bars."""
+    if _DIST.is_main:
+        from tqdm import tqdm
+        tqdm.write(" ".join(str(p) for p in parts))
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    if _DIST.enabled:
+        tensor = tensor.detach().clone()
+        torch.distributed.all_reduce(tensor)
+        tensor /= _DIST.world_size
+    return tensor
+
+
+def barrier() -> None:
+    if _DIST.enabled:
+        torch.distributed.barrier()
+
+
+# ----------------------------------------------------------------------------- precision
+
+def autocast(device: torch.device, precision: str):
+    """fp32 | bf16 | fp16 autocast; recurrent state stays fp32 inside the models by design."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        raise ConfigError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    if dtype is torch.float16 and device.type != "cuda":
+        raise ConfigError("precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, precision: str):
+    return torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or does not match the config; the message says why."""
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return module.module if hasattr(module, "module") else module
+
+
+def save_checkpoint(path, *, step: int, cfg: Config, modules: dict, optimizers: dict | None = None,
+                    schedulers: dict | None = None, scalers: dict | None = None, extra: dict | None = None) -> None:
+    """Full training state, written atomically with the merged config beside it. Call on every rank:
+    ranks' RNG states are gathered so that a resumed DDP run continues each rank's stream."""
+    states = [rng_state()]
+    if _DIST.enabled:
+        states = [None] * _DIST.world_size
+        torch.distributed.all_gather_object(states, rng_state())
+    if not _DIST.is_main:
+        return
+    payload = {
+        "format": 1,
+        "step": step,
+        "config": cfg.to_dict(),
+        "modules": {k: unwrap(m).state_dict() for k, m in modules.items()},
+        "optimizers": {k: o.state_dict() for k, o in (optimizers or {}).items()},
+        "schedulers": {k: s.state_dict() for k, s in (schedulers or {}).items()},
+        "scalers": {k: s.state_dict() for k, s in (scalers or {}).items()},
+        "rng": states,
+        "extra": extra or {},
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    path = Path(path)
+    atomic_write_bytes(path, buffer.getvalue())
+    save_config(cfg, path.with_suffix(".yaml"))
+
+
+def read_checkpoint(path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # torch raises many kinds for truncated or foreign files
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(payload, dict) or payload.get("format") != 1:
+        raise CheckpointError(f"checkpoint {path} is not an HVP checkpoint")
+    return payload
+
+
+def check_compatible(payload: dict, cfg: Config, keys: list[str], path="checkpoint") -> None:
+    """Refuse a checkpoint whose architecture-defining keys (classes, resolution, widths) differ."""
+    saved = _to_config(payload["config"])
+    for key in keys:
+        try:
+            old = saved.get_path(key)
+        except KeyError:
+            raise CheckpointError(f"{path}: saved config lacks {key!r}") from None
+        new = cfg.get_path(key)
+        if old != new:
+            raise CheckpointError(f"{path} was trained with {key}={old!r} but the config says {key}={new!r}")
+
+
+def load_checkpoint(path, *, modules: dict, optimizers: dict | None = None, schedulers: dict | None = None,
+                    scalers: dict | None = None, cfg: Config | None = None, check_keys=(), map_location="cpu",
+                    restore_rng: bool = True) -> dict:
+    """Restore state in place; returns the payload (step, extra, config)."""
+    payload = read_checkpoint(path, map_location)
+    if cfg is not None:
+        check_compatible(payload, cfg, list(check_keys), path)
+    for group_name, group in (("modules", modules), ("optimizers", optimizers or {}),
+                              ("schedulers", schedulers or {}), ("scalers", scalers or {})):
+        for name, obj in group.items():
+            if name not in payload[group_name]:
+                raise CheckpointError(f"{path} has no {group_name[:-1]} {name!r}")
+            target = unwrap(obj) if group_name == "modules" else obj
+            try:
+                target.load_state_dict(payload[group_name][name])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise CheckpointError(f"{path}: {group_name[:-1]} {name!r} does not fit: {str(e).splitlines()[0]}") from None
+    if restore_rng:
+        states = payload["rng"]
+        set_rng_state(states[_DIST.rank] if len(states) == _DIST.world_size else states[0])
+    return payload
+
+
+def resume_path(args: Args, run_dir: Path) -> Path | None:
+    if args.resume is None:
+        return None
+    path = run_dir / "last.pt" if args.resume == "auto" else Path(args.resume)
+    if not path.is_file():
+        raise CheckpointError(f"--resume: no checkpoint at {path}")
+    return path
+
+
+# ----------------------------------------------------------------------------- signals and non-finite losses
+
+class StopSignal:
+    """SIGINT/SIGTERM set a flag the loop checks so it can checkpoint and exit cleanly.
+    A second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log(f"received {signal.Signals(signum).name}: saving a checkpoint and stopping")
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def should_stop(self) -> bool:
+        """All ranks stop together if any rank was signalled."""
+        flag = torch.tensor([float(self.requested)])
+        if _DIST.enabled:
+            flag = flag.to(_DIST.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def loss_is_finite(loss: torch.Tensor, step: int, policy: str) -> bool:
+    """policy 'stop' raises (the last good checkpoint stays intact); 'skip' returns False to skip the step."""
+    finite = torch.isfinite(loss.detach())
+    if _DIST.enabled:
+        flag = finite.float().reshape(1)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        finite = flag.bool()[0]
+    if bool(finite):
+        return True
+    if policy == "skip":
+        log(f"step {step}: non-finite loss, skipping the update")
+        return False
+    raise NonFiniteLoss(f"step {step}: loss is {loss.item()}; stopping (last checkpoint kept; "
+                        f"set run.on_nonfinite=skip to skip such steps)")
+
+
+# ----------------------------------------------------------------------------- videos, images and plots
+
+def colorize(labels, palette) -> np.ndarray:
+    """uint8 class indices (..., H, W) -> RGB (..., H, W, 3); indices outside the palette become black."""
+    labels = np.asarray(labels)
+    lut = np.zeros((256, 3), np.uint8)
+    palette = np.asarray(palette, np.uint8).reshape(-1, 3)
+    lut[: len(palette)] = palette
+    return lut[labels.astype(np.uint8)]
+
+
+def boundary_to_rgb(edges) -> np.ndarray:
+    """Boundary probability (..., H, W) in [0, 1] -> grey RGB."""
+    grey = (np.clip(np.asarray(edges, np.float32), 0, 1) * 255).round().astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def to_uint8_rgb(images: torch.Tensor) -> np.ndarray:
+    """(..., 3, H, W) in [-1, 1] -> (..., H, W, 3) uint8."""
+    images = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return images.movedim(-3, -1).cpu().numpy()
+
+
+def tile(videos: list, columns: int | None = None, pad: int = 2) -> np.ndarray:
+    """Videos (T, H, W, 3) of one size -> one (T, H', W', 3) grid, row-major, white gutters."""
+    videos = [np.asarray(v) for v in videos]
+    frames, height, width, _ = videos[0].shape
+    for v in videos:
+        if v.shape != videos[0].shape:
+            raise ValueError(f"tile: all videos must share one shape, got {v.shape} and {videos[0].shape}")
+    columns = columns or len(videos)
+    rows = -(-len(videos) // columns)
+    grid = np.full((frames, rows * (height + pad) + pad, columns * (width + pad) + pad, 3), 255, np.uint8)
+    for i, v in enumerate(videos):
+        r, c = divmod(i, columns)
+        y, x = pad + r * (height + pad), pad + c * (width + pad)
+        grid[:, y:y + height, x:x + width] = v
+    return grid
+
+
+def write_video(path, frames, fps: int = 10, scale: int = 1) -> Path:
+    """(T, H, W, 3) uint8 -> .mp4 (H.264 via imageio-ffmpeg) or .gif, written atomically."""
+    import imageio.v3 as iio
+    path = Path(path)
+    frames = np.asarray(frames, np.uint8)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"write_video({path}): frames must be (T, H, W, 3), got {frames.shape}")
+    if scale > 1:
+        frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
+    if path.suffix == ".mp4":
+        # H.264 with yuv420p needs even sides.
+        frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)), mode="edge")
+        with atomic_path(path) as tmp:
+            iio.imwrite(tmp, frames, extension=".mp4", fps=fps, codec="libx264", macro_block_size=1,
+                        output_params=["-pix_fmt", "yuv420p", "-crf", "18"])
+    elif path.suffix == ".gif":
+        with atomic_path(path) as tmp:
+            iio.imwrite(tmp, frames, extension=".gif", duration=1000 / fps, loop=0)
+    else:
+        raise ValueError(f"write_video({path}): use .mp4 or .gif")
+    return path
+
+
+def write_image(path, image) -> Path:
+    import imageio.v3 as iio
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        iio.imwrite(tmp, np.asarray(image, np.uint8), extension=path.suffix)
+    return path
+
+
+def plot_curves(curves: dict, path, title: str = "", xlabel: str = "step", logy: bool = False) -> Path:
+    """curves: name -> list of (x, y). One panel per name so scales do not fight."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [n for n, pts in curves.items() if len(pts)]
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(3.6 * max(len(names), 1), 3.0), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        xs, ys = zip(*curves[name])
+        ax.plot(xs, ys, lw=1.2)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        if logy and min(ys) > 0:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip("."))
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- misc
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def fail(message: str, code: int = 2):
+    """End a command-line run with one clear line instead of a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main_guard(fn):
+    """Run a script's main(): the errors users cause (config, data, checkpoint) print one line."""
+    from data.layout import DatasetError
+    try:
+        return fn()
+    except (ConfigError, CheckpointError, DatasetError, NonFiniteLoss) as e:
+        fail(str(e))
+    finally:
+        cleanup_distributed()
+
+
+def assert_ranks_identical(module: torch.nn.Module, what: str = "parameters") -> None:
+    """Under DDP, check every rank holds the same weights (the release silently did not average)."""
+    if not _DIST.enabled:
+        return
+    with torch.no_grad():
+        fingerprint = torch.stack([p.detach().double().sum() + (p.detach().double() ** 2).sum()
+                                   for p in unwrap(module).parameters()]).to(_DIST.device)
+    gathered = [torch.zeros_like(fingerprint) for _ in range(_DIST.world_size)]
+    torch.distributed.all_gather(gathered, fingerprint)
+    for rank, other in enumerate(gathered):
+        if not torch.equal(other, gathered[0]):
+            raise RuntimeError(f"rank {rank}'s {what} differ from rank 0's: gradients were not averaged")
+    log(f"checked: {what} identical on all {_DIST.world_size} ranks")
