@@ -132,6 +132,7 @@ def resolve_config_path(name_or_path: str | os.PathLike | None) -> Path:
 def _file_layers(path: Path, seen=()) -> list[tuple[Path, dict]]:
     """A config may name a parent with `inherit: other.yaml`; parents apply first."""
     tree = _read_yaml(path)
+    tree.pop("config_file", None)  # recorded by load_config; present in configs saved beside checkpoints
     parent = tree.pop("inherit", None)
     if parent is None:
         return [(path, tree)]

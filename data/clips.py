@@ -146,8 +146,11 @@ def make_loader(dataset: ClipDataset, batch_size: int, seed: int, start_step: in
     """An endless iterator of training batches, sharded over ranks, starting at `start_step`."""
     sampler = ClipSampler(len(dataset), batch_size, seed, rank, world_size, shuffle=True, flip=flip,
                           start_step=start_step)
+    # A private generator: creating the iterator would otherwise draw from the global RNG and shift
+    # the model's random stream between a resumed and an uninterrupted run.
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+                                         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
+                                         generator=torch.Generator().manual_seed(seed))
     return iter(loader)
 
 

@@ -207,3 +207,30 @@ def load_sequence_modalities(seq_dir, modalities, meta: dict | None = None) -> d
             raise DatasetError(f"{seq_dir / modality}: frame size {tuple(size)} differs from "
                                f"{ref_modality}'s {tuple(ref_size)}")
     return arrays
+
+
+# ----------------------------------------------------------------------------- writing
+
+def write_frame(seq_dir, modality: str, t: int, frame: np.ndarray) -> None:
+    """One frame in the layout: PNG (label uint8 grey, rgb, instance uint16 grey) or .npy (flow float16)."""
+    suffix = MODALITIES[modality][0]
+    folder = Path(seq_dir) / modality
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{t:06d}{suffix}"
+    if modality == "flow":
+        np.save(path, np.asarray(frame, np.float16))
+        return
+    from PIL import Image
+    frame = np.ascontiguousarray(frame)
+    dtype = np.uint16 if modality == "instance" else np.uint8
+    Image.fromarray(frame.astype(dtype)).save(path, compress_level=1)
+
+
+def write_meta(root, *, kind: str, class_names, palette, fps: int, size, ignore_index: int = 255, **extra) -> None:
+    meta = {"kind": kind, "num_classes": len(class_names), "class_names": list(class_names),
+            "palette": np.asarray(palette, int).tolist(), "ignore_index": ignore_index, "fps": fps,
+            "size": [int(s) for s in size], **extra}
+    Path(root).mkdir(parents=True, exist_ok=True)
+    tmp = Path(root) / ".meta.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(meta, sort_keys=False))
+    os.replace(tmp, Path(root) / "meta.yaml")

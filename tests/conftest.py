@@ -31,3 +31,30 @@ def tiny_dance(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_dance") / "synth_dance"
     write_dataset("dance", root, sequences=3, frames=40, size=(32, 32), seed=0, val=1, test=1)
     return root
+
+
+def write_random_dataset(root, sequences=2, frames=8, size=(16, 16), num_classes=4, splits=("train", "val"),
+                         modalities=("label", "rgb", "instance", "flow"), seed=0):
+    """A small dataset of random frames written through the layout writer (independent of the generators)."""
+    import numpy as np
+    from data.layout import write_frame, write_meta
+    rng = np.random.default_rng(seed)
+    write_meta(root, kind="random", class_names=[f"c{i}" for i in range(num_classes)],
+               palette=rng.integers(0, 256, (num_classes, 3)), fps=10, size=size)
+    height, width = size
+    for split in splits:
+        for s in range(sequences):
+            seq = Path(root) / split / f"seq_{s:04d}"
+            for t in range(frames):
+                arrays = {"label": rng.integers(0, num_classes, (height, width), dtype=np.uint8),
+                          "rgb": rng.integers(0, 256, (height, width, 3), dtype=np.uint8),
+                          "instance": rng.integers(0, 1000, (height, width), dtype=np.uint16),
+                          "flow": rng.normal(0, 1, (2, height, width)).astype(np.float16)}
+                for modality in modalities:
+                    write_frame(seq, modality, t, arrays[modality])
+    return Path(root)
+
+
+@pytest.fixture
+def random_dataset(tmp_path):
+    return write_random_dataset(tmp_path / "random")

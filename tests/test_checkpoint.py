@@ -1,0 +1,82 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+from tests.toy_loop import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_resume_equals_uninterrupted(random_dataset, tmp_path):
+    straight, _ = run(random_dataset, tmp_path / "straight", steps=6)
+    run(random_dataset, tmp_path / "split", steps=3)
+    resumed, step = run(random_dataset, tmp_path / "split", steps=6, resume=True)
+    assert step == 6
+    for a, b in zip(_params(straight), _params(resumed)):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_is_atomic_and_saves_config(random_dataset, tmp_path):
+    run(random_dataset, tmp_path / "r", steps=2)
+    assert (tmp_path / "r" / "last.pt").is_file()
+    saved = common.load_config(str(tmp_path / "r" / "last.yaml"))
+    assert saved.data.root == str(random_dataset)
+    assert not list((tmp_path / "r").glob("*.tmp")) and not list((tmp_path / "r").glob(".*"))
+
+
+def test_mismatched_checkpoint_is_refused(random_dataset, tmp_path):
+    run(random_dataset, tmp_path / "r", steps=1)
+    payload = common.read_checkpoint(tmp_path / "r" / "last.pt")
+    cfg = common.load_config(None, ["data.num_classes=25"])
+    with pytest.raises(common.CheckpointError, match="data.num_classes=19 but the config says data.num_classes=25"):
+        common.check_compatible(payload, cfg, ["data.num_classes"], "last.pt")
+
+
+def test_unreadable_checkpoint_names_file(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(common.CheckpointError, match="bad.pt cannot be read"):
+        common.read_checkpoint(bad)
+    with pytest.raises(common.CheckpointError, match="does not exist"):
+        common.read_checkpoint(tmp_path / "missing.pt")
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(random_dataset, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "toy_loop.py"), str(random_dataset),
+                             str(tmp_path / "sig"), "100", "--signal-at", "3"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "stopped at step 3" in result.stdout
+    assert common.read_checkpoint(tmp_path / "sig" / "last.pt")["step"] == 3
+
+
+def test_nonfinite_policy():
+    assert common.loss_is_finite(torch.tensor(1.0), 0, "stop")
+    assert not common.loss_is_finite(torch.tensor(float("nan")), 0, "skip")
+    with pytest.raises(common.NonFiniteLoss, match="step 4"):
+        common.loss_is_finite(torch.tensor(float("inf")), 4, "stop")
+
+
+def test_video_and_plot_writers(tmp_path):
+    import imageio.v3 as iio
+    import numpy as np
+    labels = np.random.default_rng(0).integers(0, 4, (5, 9, 11), dtype=np.uint8)
+    palette = [[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]]
+    colour = common.colorize(labels, palette)
+    assert colour.shape == (5, 9, 11, 3) and (colour[labels == 1] == [255, 0, 0]).all()
+    grid = common.tile([colour, colour, colour], columns=2)
+    assert grid.shape == (5, 2 * 11 + 2, 2 * 13 + 2, 3)
+    gif = common.write_video(tmp_path / "v.gif", grid, fps=5)
+    mp4 = common.write_video(tmp_path / "v.mp4", grid, fps=5)  # odd sides get padded for H.264
+    assert iio.imread(gif).shape[0] == 5
+    assert mp4.stat().st_size > 0
+    png = common.plot_curves({"loss": [(0, 1.0), (1, 0.5)], "kl": [(0, 2.0), (1, 1.0)]}, tmp_path / "p.png")
+    assert png.stat().st_size > 0

@@ -1,0 +1,80 @@
+import pytest
+
+import common
+from common import ConfigError, load_config, parse_args
+
+
+def test_defaults_and_file_merge():
+    cfg = load_config("kitti128.yaml")
+    assert cfg.data.size == [128, 128] and cfg.run.dir == "runs/kitti128"
+    assert cfg.run.seed == 0  # from configs/defaults/run.yaml
+    assert load_config("kitti128").data.size == [128, 128]  # the .yaml suffix is optional
+
+
+def test_overrides_dotted_and_typed():
+    cfg = load_config(None, ["run.seed=7", "data.size=[32, 48]", ("run.precision", "bf16")])
+    assert cfg.run.seed == 7 and cfg.data.size == [32, 48] and cfg.run.precision == "bf16"
+
+
+def test_int_accepted_for_float_and_bool_strict():
+    value = common._check_value("a.lr", 1, 0.5, "test")
+    assert value == 1.0 and isinstance(value, float)
+    with pytest.raises(ConfigError, match="expects bool"):
+        common._check_value("a.flag", 1, True, "test")
+    assert common._check_value("a.any", "x", None, "test") == "x"  # null defaults accept anything
+
+
+@pytest.mark.parametrize("override, words", [
+    ("run.sed=3", ["unknown config key", "run.sed"]),
+    ("nosection.x=3", ["unknown config key", "nosection"]),
+    ("run.seed=abc", ["run.seed", "expects int", "str"]),
+    ("run.seed=1.5", ["run.seed", "expects int", "float"]),
+    ("data.size=64", ["data.size", "expects list"]),
+])
+def test_bad_overrides_name_the_key(override, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_unknown_key_in_file_names_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("run:\n  seeed: 1\n")
+    with pytest.raises(ConfigError, match=r"run\.seeed.*bad\.yaml"):
+        load_config(str(path))
+
+
+def test_inherit(tmp_path):
+    path = tmp_path / "child.yaml"
+    path.write_text("inherit: kitti64.yaml\nrun:\n  seed: 5\n")
+    cfg = load_config(str(path))
+    assert cfg.run.seed == 5 and cfg.run.dir == "runs/kitti64"
+
+
+def test_missing_config_lists_available():
+    with pytest.raises(ConfigError, match="available: .*kitti64.yaml"):
+        load_config("nope.yaml")
+
+
+def test_parse_args_forms():
+    cfg, args = parse_args(["--cfg", "synth_dance.yaml", "--run.seed", "3", "--run.device=cpu", "--resume"])
+    assert cfg.data.num_classes == 25 and cfg.run.seed == 3 and cfg.run.device == "cpu" and args.resume == "auto"
+    cfg, args = parse_args(["--s=4", "--resume=x.pt"], aliases={"s": "run.seed"})
+    assert cfg.run.seed == 4 and args.resume == "x.pt"
+    with pytest.raises(ConfigError, match="needs a value"):
+        parse_args(["--run.seed"])
+
+
+def test_help_lists_keys(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args(["-h"], description="toy")
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--run.seed=0" in out and "--data.root=" in out
+
+
+def test_every_shipped_config_loads():
+    for path in sorted(common.CONFIG_DIR.glob("*.yaml")):
+        cfg = load_config(str(path))
+        assert cfg.data.num_classes in (19, 25), path
