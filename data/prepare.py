@@ -6,7 +6,7 @@
 
 Label maps come from whatever semantic segmenter you have (the paper used a Cityscapes-trained
 DeepLabV3+): either a folder of its outputs (uint8 trainId PNGs named like the frames, anywhere below
-the folder) or a TorchScript file taking (B, 3, H, W) float RGB in [0, 1] and returning (B, N, H, W)
+the folder) or a TorchScript file (or torch.export .pt2 archive) taking (B, 3, H, W) float RGB in [0, 1] and returning (B, N, H, W)
 logits. Source layouts are the datasets' own:
 
     KITTI raw:   SRC/2011_09_26/2011_09_26_drive_0001_sync/image_03/data/0000000000.png
@@ -105,7 +105,10 @@ class LabelSource:
         if segmenter:
             import torch
             try:
-                self.model = torch.jit.load(segmenter, map_location="cpu").eval()
+                if str(segmenter).endswith(".pt2"):  # torch.export archive
+                    self.model = torch.export.load(segmenter).module()
+                else:
+                    self.model = torch.jit.load(segmenter, map_location="cpu").eval()
             except Exception as e:
                 raise DatasetError(f"{segmenter}: not a loadable TorchScript segmenter ({type(e).__name__}: {e})") from None
             return
@@ -121,7 +124,7 @@ class LabelSource:
         if self.model is not None:
             import torch
             with torch.inference_mode():
-                image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255
+                image = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None].float() / 255
                 logits = self.model(image)
             if logits.ndim != 4 or logits.shape[1] != self.num_classes:
                 raise DatasetError(f"segmenter returned shape {tuple(logits.shape)}, expected (1, {self.num_classes}, H, W)")
