@@ -1,0 +1,441 @@
+"""Train the boundary generator: label map -> instance boundary map, one frame at a time (SPEC section 4).
+
+An EdgeConnect-style generator (7x7 conv, two stride-2 convs, dilated residual blocks, two transposed
+convs, 7x7 conv to one channel, sigmoid; spectral and instance norm) against a PatchGAN on
+(one-hot label, boundary) with the non-saturating GAN loss and feature matching x10, Adam (0, 0.9).
+The ground truth is a pixel whose 4-neighbour inside the image has another instance id (see
+`instance_boundaries`). At rollout the prediction is concatenated to the label map for the image
+generator and never fed back to the structure generator.
+
+    python train_edge.py --cfg synth_drive.yaml
+    python train_edge.py --cfg cityscapes128x256.yaml --edge.batch_size=8
+    python train_edge.py --cfg synth_drive.yaml --resume            # continue runs/synth_drive/edge/last.pt
+    torchrun --nproc 8 train_edge.py --cfg cityscapes128x256.yaml
+
+Writes to RUN_DIR/edge/: last.pt (+ last.yaml), samples/step_NNNNNN.png (label | predicted | true),
+loss.png, metrics.json (validation precision / recall / F1 and the class-boundary baseline).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
+from tqdm import tqdm
+
+import common
+import data
+from data.clips import ClipDataset, fixed_batch, make_loader
+
+# Keys that define the networks' shapes: a checkpoint that differs in one of them is refused.
+GENERATOR_KEYS = ["data.num_classes", "data.size", "edge.width", "edge.res_blocks", "edge.dilation",
+                  "edge.spectral_norm", "edge.boundary_source"]
+CHECK_KEYS = GENERATOR_KEYS + ["edge.d_width", "edge.d_layers"]
+
+
+# ----------------------------------------------------------------------------- boundaries and scores
+
+def instance_boundaries(ids: torch.Tensor) -> torch.Tensor:
+    """(..., H, W) integer ids -> (..., H, W) bool: true where a 4-neighbour has another id.
+
+    Both pixels on either side of a change are marked (lines are two pixels thick). Only neighbours
+    inside the image count: the image border is not a boundary by itself. Every id is a region like
+    any other, id 0 included, so whether class changes between stuff regions count depends on the
+    ids: Cityscapes instanceIds give each stuff class its own id (they count), a map with 0 for all
+    stuff does not (use boundary_source=instance+class to add them).
+    """
+    edges = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+    vertical = ids[..., 1:, :] != ids[..., :-1, :]
+    horizontal = ids[..., :, 1:] != ids[..., :, :-1]
+    edges[..., 1:, :] |= vertical
+    edges[..., :-1, :] |= vertical
+    edges[..., :, 1:] |= horizontal
+    edges[..., :, :-1] |= horizontal
+    return edges
+
+
+def true_boundaries(label_maps: torch.Tensor, instance_maps: torch.Tensor, source: str = "instance") -> torch.Tensor:
+    """The training target, (..., H, W) bool, from instance ids (and class changes for 'instance+class')."""
+    if source == "instance":
+        return instance_boundaries(instance_maps)
+    if source == "instance+class":
+        return instance_boundaries(instance_maps) | instance_boundaries(label_maps)
+    raise common.ConfigError(f"edge.boundary_source must be 'instance' or 'instance+class', got {source!r}")
+
+
+def boundary_counts(predicted: torch.Tensor, truth: torch.Tensor, tolerance: int) -> np.ndarray:
+    """Counts for precision/recall with a pixel tolerance, summable over batches.
+
+    predicted, truth: (B, H, W) bool. A predicted pixel is correct when a true boundary pixel lies within
+    `tolerance` pixels (chessboard distance), and a true pixel is found when a prediction does.
+    Returns [correct predictions, predictions, found truths, truths].
+    """
+    def dilate(mask):
+        if tolerance == 0:
+            return mask
+        return F.max_pool2d(mask[:, None].float(), 2 * tolerance + 1, stride=1, padding=tolerance)[:, 0] > 0
+    return np.array([(predicted & dilate(truth)).sum().item(), predicted.sum().item(),
+                     (truth & dilate(predicted)).sum().item(), truth.sum().item()], np.int64)
+
+
+def scores_from_counts(counts) -> dict:
+    """Precision, recall, F1 (0 when there is nothing to divide by)."""
+    correct, predicted, found, truths = (int(c) for c in counts)
+    precision = correct / predicted if predicted else 0.0
+    recall = found / truths if truths else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+# ----------------------------------------------------------------------------- networks
+
+def one_hot(label_maps: torch.Tensor, num_classes: int, dtype=torch.float32) -> torch.Tensor:
+    """(B, H, W) class indices -> (B, N, H, W); indices >= N (ignore_index) become all-zero vectors."""
+    classes = torch.arange(num_classes, device=label_maps.device).view(1, num_classes, 1, 1)
+    return (label_maps.long().unsqueeze(1) == classes).to(dtype)
+
+
+def _channels(base: int, width: float) -> int:
+    return max(1, int(round(base * width)))
+
+
+def _conv(conv: nn.Module, spectral: bool) -> nn.Module:
+    # EdgeConnect's init: N(0, 0.02) weights, zero bias.
+    nn.init.normal_(conv.weight, 0.0, 0.02)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+    return _spectral_norm(conv) if spectral else conv
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int, dilation: int, spectral: bool):
+        super().__init__()
+        self.body = nn.Sequential(
+            _conv(nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation, padding_mode="reflect",
+                            bias=not spectral), spectral),
+            nn.InstanceNorm2d(channels), nn.ReLU(),
+            _conv(nn.Conv2d(channels, channels, 3, padding=1, padding_mode="reflect", bias=not spectral), spectral),
+            nn.InstanceNorm2d(channels))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class BoundaryGenerator(nn.Module):
+    """One-hot label map (B, N, H, W) -> boundary logits (B, 1, H, W); H and W divisible by 4.
+
+    forward returns pre-sigmoid logits so the loop can use a stable BCE; sigmoid(logits) is the
+    boundary map (predict_boundaries applies it). Instance norm has no running statistics, so each
+    frame is processed independently of the others in its batch.
+    """
+
+    def __init__(self, num_classes: int, width: float = 1.0, res_blocks: int = 8, dilation: int = 2,
+                 spectral: bool = True):
+        super().__init__()
+        c1, c2, c3 = (_channels(c, width) for c in (64, 128, 256))
+        self.num_classes = num_classes
+        self.encoder = nn.Sequential(
+            _conv(nn.Conv2d(num_classes, c1, 7, padding=3, padding_mode="reflect", bias=not spectral), spectral),
+            nn.InstanceNorm2d(c1), nn.ReLU(),
+            _conv(nn.Conv2d(c1, c2, 4, stride=2, padding=1, bias=not spectral), spectral), nn.InstanceNorm2d(c2), nn.ReLU(),
+            _conv(nn.Conv2d(c2, c3, 4, stride=2, padding=1, bias=not spectral), spectral), nn.InstanceNorm2d(c3), nn.ReLU())
+        self.middle = nn.Sequential(*[ResidualBlock(c3, dilation, spectral) for _ in range(res_blocks)])
+        self.decoder = nn.Sequential(
+            _conv(nn.ConvTranspose2d(c3, c2, 4, stride=2, padding=1, bias=not spectral), spectral),
+            nn.InstanceNorm2d(c2), nn.ReLU(),
+            _conv(nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1, bias=not spectral), spectral),
+            nn.InstanceNorm2d(c1), nn.ReLU(),
+            _conv(nn.Conv2d(c1, 1, 7, padding=3, padding_mode="reflect"), False))
+
+    def forward(self, onehot: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.middle(self.encoder(onehot)))
+
+
+class PatchDiscriminator(nn.Module):
+    """(one-hot label, boundary) (B, N+1, H, W) -> list of every layer's activations, patch logits last."""
+
+    def __init__(self, in_channels: int, width: float = 1.0, layers: int = 3, spectral: bool = True):
+        super().__init__()
+        blocks, c_in = [], in_channels
+        for i in range(layers + 1):
+            c_out = _channels(64 * 2 ** i, width)
+            blocks.append(nn.Sequential(
+                _conv(nn.Conv2d(c_in, c_out, 4, stride=2 if i < layers else 1, padding=1, bias=not spectral), spectral),
+                nn.LeakyReLU(0.2)))
+            c_in = c_out
+        blocks.append(_conv(nn.Conv2d(c_in, 1, 4, stride=1, padding=1, bias=not spectral), spectral))
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = []
+        for block in self.blocks:
+            x = block(x)
+            features.append(x)
+        return features
+
+
+def build_model(cfg) -> BoundaryGenerator:
+    e = cfg.edge
+    return BoundaryGenerator(cfg.data.num_classes, e.width, e.res_blocks, e.dilation, e.spectral_norm)
+
+
+def build_discriminator(cfg) -> PatchDiscriminator:
+    e = cfg.edge
+    return PatchDiscriminator(cfg.data.num_classes + 1, e.d_width, e.d_layers, e.spectral_norm)
+
+
+def load_generator(cfg, checkpoint=None, device="cpu") -> BoundaryGenerator:
+    """The trained generator for rollout, in eval mode. checkpoint defaults to RUN_DIR/edge/last.pt;
+    one trained for other classes, resolution or widths is refused with the reason."""
+    path = Path(checkpoint) if checkpoint else Path(cfg.run.dir) / "edge" / "last.pt"
+    model = build_model(cfg)
+    common.load_checkpoint(path, modules={"generator": model}, cfg=cfg, check_keys=GENERATOR_KEYS,
+                           restore_rng=False)
+    return model.to(device).eval()
+
+
+@torch.inference_mode()
+def predict_boundaries(model: nn.Module, label_index_maps: torch.Tensor) -> torch.Tensor:
+    """Label index maps (B, H, W) uint8 -> boundary probabilities (B, 1, H, W) float32 in [0, 1].
+
+    Leading dimensions are free: (B, T, H, W) gives (B, T, 1, H, W), each frame on its own. Inference
+    mode, eval mode for the call (the model's mode is restored), static shapes and no host
+    synchronisation, so it can sit inside a captured rollout step; runs under the caller's autocast.
+    """
+    model = common.unwrap(model)
+    *lead, height, width = label_index_maps.shape
+    if height % 4 or width % 4:
+        raise ValueError(f"predict_boundaries: H and W must be divisible by 4, got {height}x{width}")
+    device = next(model.parameters()).device
+    flat = label_index_maps.reshape(-1, height, width).to(device, non_blocking=True)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(one_hot(flat, model.num_classes, next(model.parameters()).dtype))
+    finally:
+        model.train(was_training)
+    return torch.sigmoid(logits.float()).reshape(*lead, 1, height, width)
+
+
+# ----------------------------------------------------------------------------- one training step
+
+def set_requires_grad(module: nn.Module, flag: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+def train_step(generator, discriminator, opt_g, opt_d, scalers, labels, truth, cfg, step: int) -> dict | None:
+    """One discriminator then one generator update on a batch of frames; returns the losses (floats),
+    or None when the discriminator loss was non-finite and run.on_nonfinite=skip skipped the step.
+
+    labels (B, H, W) uint8, truth (B, H, W) bool. generator/discriminator may be DDP-wrapped; the
+    generator's loss goes through the unwrapped discriminator with its weights frozen, so only the
+    generator's gradients are averaged and the discriminator's DDP hooks never fire twice per step.
+    """
+    e, device, precision = cfg.edge, labels.device, cfg.run.precision
+    onehot = one_hot(labels, cfg.data.num_classes)
+    real = torch.cat([onehot, truth[:, None].float()], 1)
+    d_plain = common.unwrap(discriminator)
+
+    with common.autocast(device, precision):
+        logits = generator(onehot)
+        fake_edges = torch.sigmoid(logits.float())
+        fake = torch.cat([onehot, fake_edges], 1)
+
+    # Discriminator: real and fake pairs in one call (no batch statistics in the PatchGAN).
+    set_requires_grad(d_plain, True)
+    with common.autocast(device, precision):
+        d_logits = discriminator(torch.cat([real, fake.detach()], 0))[-1].float()
+        real_logits, fake_logits = d_logits.chunk(2)
+        d_loss = 0.5 * (F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean())
+    if not common.loss_is_finite(d_loss, step, cfg.run.on_nonfinite):
+        return None
+    opt_d.zero_grad(set_to_none=True)
+    scalers["d"].scale(d_loss).backward()
+    scalers["d"].step(opt_d)
+    scalers["d"].update()
+
+    # Generator: fool the updated discriminator and match its features of the real pair.
+    set_requires_grad(d_plain, False)
+    with common.autocast(device, precision):
+        features = d_plain(torch.cat([real, fake], 0))
+        g_adv = F.softplus(-features[-1].float().chunk(2)[1]).mean()
+        g_fm = sum(F.l1_loss(f.float().chunk(2)[1], f.float().chunk(2)[0].detach()) for f in features)
+        g_bce = F.binary_cross_entropy_with_logits(logits.float(), truth[:, None].float())
+        g_loss = e.adv_weight * g_adv + e.fm_weight * g_fm + e.bce_weight * g_bce
+    set_requires_grad(d_plain, True)
+    losses = {"d": d_loss.item(), "g_adv": g_adv.item(), "g_fm": g_fm.item(), "g_bce": g_bce.item()}
+    if not common.loss_is_finite(g_loss, step, cfg.run.on_nonfinite):
+        return losses
+    opt_g.zero_grad(set_to_none=True)
+    scalers["g"].scale(g_loss).backward()
+    scalers["g"].step(opt_g)
+    scalers["g"].update()
+    return losses
+
+
+# ----------------------------------------------------------------------------- validation and samples
+
+def evaluate(generator, batch: dict, cfg, chunk: int = 32) -> dict:
+    """Precision / recall / F1 of predictions (threshold, tolerance) and of the class-boundary baseline,
+    at the configured tolerance and at 0 pixels, on a batch of single-frame clips."""
+    e = cfg.edge
+    labels, instances = batch["label"][:, 0], batch["instance"][:, 0]
+    totals = {name: np.zeros(4, np.int64) for name in ("model", "model_strict", "baseline", "baseline_strict")}
+    for start in range(0, len(labels), chunk):
+        lab = labels[start:start + chunk]
+        truth = true_boundaries(lab, instances[start:start + chunk], e.boundary_source)
+        predicted = predict_boundaries(generator, lab)[:, 0].cpu() >= e.threshold
+        baseline = instance_boundaries(lab)  # class changes between 4-neighbours
+        totals["model"] += boundary_counts(predicted, truth, e.tolerance)
+        totals["model_strict"] += boundary_counts(predicted, truth, 0)
+        totals["baseline"] += boundary_counts(baseline, truth, e.tolerance)
+        totals["baseline_strict"] += boundary_counts(baseline, truth, 0)
+    return {name: scores_from_counts(c) for name, c in totals.items()}
+
+
+def write_samples(generator, batch: dict, cfg, palette, path) -> Path:
+    """Rows of label | predicted boundary | true boundary, upscaled so small frames stay visible."""
+    labels = batch["label"][: cfg.edge.sample_frames, 0]
+    truth = true_boundaries(labels, batch["instance"][: cfg.edge.sample_frames, 0], cfg.edge.boundary_source)
+    predicted = predict_boundaries(generator, labels)[:, 0].cpu().numpy()
+    panels = []
+    for i in range(len(labels)):
+        panels += [common.colorize(labels[i].numpy(), palette), common.boundary_to_rgb(predicted[i]),
+                   common.boundary_to_rgb(truth[i].numpy())]
+    scale = max(1, 128 // labels.shape[-2])
+    panels = [p.repeat(scale, 0).repeat(scale, 1)[None] for p in panels]
+    return common.write_image(path, common.tile(panels, columns=3)[0])
+
+
+# ----------------------------------------------------------------------------- main
+
+def open_datasets(cfg, dist):
+    """Rank 0 generates/packs the data first so ranks never write the same files at once."""
+    def load():
+        meta = data.ensure_dataset(cfg)
+        modalities = ("label", "instance")
+        train = ClipDataset(cfg.data.root, "train", 1, 0, 1, modalities=modalities)
+        val = ClipDataset(cfg.data.root, "val", 1, 0, 1, modalities=modalities)
+        return meta, train, val
+    if dist.is_main:
+        result = load()
+    common.barrier()
+    if not dist.is_main:
+        result = load()
+    return result
+
+
+def main(argv=None) -> dict:
+    cfg, args = common.parse_args(argv, aliases={"steps": "edge.steps"}, description=__doc__)
+    e = cfg.edge
+    if not e.enabled:
+        raise common.ConfigError(f"edge.enabled is false in {cfg.config_file}: this dataset's pipeline uses no "
+                                 f"boundaries; pass --edge.enabled=true to train the boundary generator anyway")
+    height, width = cfg.data.size
+    if height % 4 or width % 4 or min(height, width) < 2 ** (e.d_layers + 2):
+        raise common.ConfigError(f"data.size={cfg.data.size}: both sides must be divisible by 4 and at least "
+                                 f"{2 ** (e.d_layers + 2)} for edge.d_layers={e.d_layers}")
+    dist = common.setup_distributed(cfg.run.device)
+    device = dist.device
+    common.seed_everything(cfg.run.seed)  # the same initial weights on every rank
+    run_dir = Path(cfg.run.dir) / "edge"
+    meta, train_set, val_set = open_datasets(cfg, dist)
+
+    generator, discriminator = build_model(cfg).to(device), build_discriminator(cfg).to(device)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=e.lr, betas=(e.beta1, e.beta2))
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=e.lr * e.d_lr_ratio, betas=(e.beta1, e.beta2))
+    scalers = {"g": common.grad_scaler(device, cfg.run.precision), "d": common.grad_scaler(device, cfg.run.precision)}
+    start_step, history, clock = 0, {}, {"train_seconds": 0.0}
+    checkpoint = common.resume_path(args, run_dir)
+    if checkpoint is not None:
+        payload = common.load_checkpoint(checkpoint, modules={"generator": generator, "discriminator": discriminator},
+                                         optimizers={"g": opt_g, "d": opt_d}, scalers=scalers, cfg=cfg,
+                                         check_keys=CHECK_KEYS, map_location=device)
+        start_step, history = payload["step"], payload["extra"].get("history", {})
+        clock["train_seconds"] = payload["extra"].get("train_seconds", 0.0)
+        common.log(f"resumed from {checkpoint} at step {start_step}")
+    if dist.enabled:
+        ddp_args = {"device_ids": [device.index]} if device.type == "cuda" else {}
+        generator = torch.nn.parallel.DistributedDataParallel(generator, **ddp_args)
+        discriminator = torch.nn.parallel.DistributedDataParallel(discriminator, **ddp_args)
+
+    loader = make_loader(train_set, e.batch_size, cfg.run.seed, start_step, dist.rank, dist.world_size,
+                         flip=e.flip, num_workers=cfg.run.num_workers)
+    val_batch = fixed_batch(val_set, e.val_frames)
+    n_params = sum(p.numel() for p in common.unwrap(generator).parameters())
+    common.log(f"edge: {len(train_set)} train frames, {len(val_batch['label'])} val frames, generator "
+               f"{n_params / 1e6:.2f}M params, {dist.world_size} process(es) x batch {e.batch_size}, device {device}")
+
+    def save(step):
+        common.save_checkpoint(run_dir / "last.pt", step=step, cfg=cfg,
+                               modules={"generator": generator, "discriminator": discriminator},
+                               optimizers={"g": opt_g, "d": opt_d}, scalers=scalers,
+                               extra={"history": history, "train_seconds": clock["train_seconds"]})
+
+    def validate(step):
+        scores = evaluate(generator, val_batch, cfg)
+        history.setdefault("val_f1", []).append((step, scores["model"]["f1"]))
+        history.setdefault("baseline_f1", []).append((step, scores["baseline"]["f1"]))
+        write_samples(generator, val_batch, cfg, meta["palette"], run_dir / "samples" / f"step_{step:06d}.png")
+        common.plot_curves({k: history.get(k, []) for k in ("d", "g_adv", "g_fm", "g_bce", "val_f1")},
+                           run_dir / "loss.png", title="boundary generator")
+        m, b = scores["model"], scores["baseline"]
+        common.log(f"step {step}: val P/R/F1 {m['precision']:.3f}/{m['recall']:.3f}/{m['f1']:.3f} "
+                   f"(class-boundary baseline {b['precision']:.3f}/{b['recall']:.3f}/{b['f1']:.3f}, "
+                   f"tolerance {e.tolerance}px)")
+        return scores
+
+    scores, window = None, {}
+    generator.train(), discriminator.train()
+    progress = tqdm(range(start_step, e.steps), initial=start_step, total=e.steps, disable=not dist.is_main,
+                    desc="edge", dynamic_ncols=True)
+    done = start_step
+    with common.StopSignal() as stop:
+        for step in progress:
+            tick = time.perf_counter()
+            batch = next(loader)
+            labels = batch["label"][:, 0].to(device, non_blocking=True)
+            truth = true_boundaries(labels, batch["instance"][:, 0].to(device, non_blocking=True), e.boundary_source)
+            losses = train_step(generator, discriminator, opt_g, opt_d, scalers, labels, truth, cfg, step)
+            clock["train_seconds"] += time.perf_counter() - tick
+            done = step + 1
+            if losses is not None:
+                for k, v in losses.items():
+                    window.setdefault(k, []).append(v)
+                progress.set_postfix(d=f"{losses['d']:.3f}", adv=f"{losses['g_adv']:.3f}", fm=f"{losses['g_fm']:.3f}")
+            if done % e.log_every == 0 and window:
+                for k, values in window.items():
+                    history.setdefault(k, []).append((done, float(np.mean(values))))
+                window = {}
+            if dist.is_main and (done % e.eval_every == 0 or done == e.steps):
+                scores = validate(done)
+            if stop.should_stop():
+                save(done)
+                common.log(f"stopped at step {done}; resume with --resume")
+                break
+            if done % e.save_every == 0 or done == e.steps:
+                save(done)
+    progress.close()
+    common.assert_ranks_identical(generator, "generator parameters")
+    common.assert_ranks_identical(discriminator, "discriminator parameters")
+    train_seconds = clock["train_seconds"]
+    result = {"run_dir": run_dir, "step": done, "train_seconds": train_seconds, "val": scores}
+    if dist.is_main:
+        if scores is None:
+            scores = validate(done)
+        result["val"] = scores
+        common.log(f"at step {done}: {train_seconds:.1f}s spent in training steps (this run and any it resumed)")
+        common.atomic_write_bytes(run_dir / "metrics.json", json.dumps(
+            {"step": done, "train_seconds": train_seconds, "tolerance": e.tolerance, "threshold": e.threshold,
+             "val_frames": len(val_batch["label"]), **scores}, indent=2).encode())
+    return result
+
+
+if __name__ == "__main__":
+    common.main_guard(main)
