@@ -1,0 +1,307 @@
+"""Train the structure generator: SVG-extend on label maps (SPEC section 3, paper section 2.1, tables B-E).
+
+    python train_structure.py --cfg synth_drive.yaml                      # CPU, minutes
+    python train_structure.py --cfg kitti64.yaml                          # the paper's KITTI 64x64 model
+    torchrun --nproc 8 train_structure.py --cfg kitti256.yaml             # DDP, gradients averaged
+    python train_structure.py --cfg kitti64.yaml --structure.variant=lstm --run.dir=runs/kitti64_lstm
+    python train_structure.py --cfg kitti64.yaml --resume                 # continue runs/kitti64/structure/last.pt
+
+Objective (paper eq. 1) per training clip of T frames, teacher forced (true frames in, z from the
+posterior): sum over t = 1..T-1 of NLL(s_t) (mean over pixels) + beta * KL(q(z_t) || p(z_t)) (summed over
+latent elements, mean over the batch). Ablations: structure.variant = lstm | cnn | soft | rgb.
+Outputs in RUN_DIR/structure/: last.pt (+ last.yaml), samples/*.gif (context | prediction | truth),
+loss.png, log.txt. The model classes and the rollout step API live in structure_model.py.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+import data
+import kernels
+from data.clips import ClipDataset, fixed_batch, make_loader
+from structure_model import RolloutState, StructureModel, paper_blocks, pool_count  # noqa: F401 (re-exported)
+
+# Keys that define the weights' shapes: a checkpoint trained with other values is refused.
+ARCH_KEYS = ["structure.variant", "structure.encoder_blocks", "structure.width_mult", "structure.lstm_width",
+             "structure.lstm_mult", "structure.h_channels", "structure.z_channels", "structure.posterior_layers",
+             "structure.predictor_layers", "data.num_classes", "data.size"]
+
+
+# ----------------------------------------------------------------------------- model from config
+
+def build_model(cfg) -> StructureModel:
+    """The structure generator described by cfg.structure and cfg.data (classes, frame size)."""
+    s = cfg.structure
+    size = tuple(cfg.data.size)
+    if len(size) != 2:
+        raise common.ConfigError(f"data.size must be [H, W], got {cfg.data.size!r}")
+    try:
+        pool_count(size)
+    except ValueError as e:
+        raise common.ConfigError(f"data.size={list(size)}: {e}") from None
+    for key in ("width_mult", "lstm_mult"):
+        if not s[key] > 0:
+            raise common.ConfigError(f"structure.{key} must be > 0, got {s[key]!r}")
+    if s.encoder_blocks:
+        try:
+            blocks = [(max(1, round(int(w) * s.width_mult)), int(n)) for w, n in s.encoder_blocks]
+            assert all(n >= 1 for _, n in blocks)
+        except (TypeError, ValueError, AssertionError):
+            raise common.ConfigError(f"structure.encoder_blocks must be [[width, convs], ...] with positive "
+                                     f"integers, got {s.encoder_blocks!r}") from None
+    else:
+        blocks = paper_blocks(size, s.width_mult)
+    try:
+        return StructureModel(variant=s.variant, num_classes=cfg.data.num_classes, size=size, blocks=blocks,
+                              h_channels=s.h_channels, z_channels=s.z_channels,
+                              lstm_width=max(1, round(s.lstm_width * s.lstm_mult)),
+                              posterior_layers=s.posterior_layers, predictor_layers=s.predictor_layers, skip=s.skip)
+    except ValueError as e:
+        raise common.ConfigError(str(e)) from None
+
+
+def load_model(path, cfg=None, device="cpu") -> StructureModel:
+    """A trained structure generator in eval mode (what rollout.py uses). With `cfg`, the checkpoint must
+    match its classes, frame size and architecture (CheckpointError says which key differs); without,
+    the checkpoint's own config is used."""
+    payload = common.read_checkpoint(path)
+    if cfg is not None:
+        common.check_compatible(payload, cfg, ARCH_KEYS, path)
+    model = build_model(cfg if cfg is not None else common._to_config(payload["config"]))
+    if "structure" not in payload["modules"]:
+        raise common.CheckpointError(f"{path} holds no structure generator (modules: {list(payload['modules'])})")
+    try:
+        model.load_state_dict(payload["modules"]["structure"])
+    except RuntimeError as e:
+        raise common.CheckpointError(f"{path}: weights do not fit the model: {str(e).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- loss and metrics
+
+def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ignore_index: int) -> dict:
+    """Sum over steps of (per-step reconstruction + beta * KL); also the per-step means for logging."""
+    s = cfg.structure
+    out, targets = result["out"], frames[:, 1:]
+    if model.variant == "rgb":
+        diff = out - (targets.float() / 127.5 - 1)
+        per_pixel = diff.abs() if s.rgb_loss == "l1" else diff.square()
+        recon = per_pixel.flatten(2).mean(2).mean(0)                          # (T-1,)
+    else:
+        targets = targets.long()
+        nll = F.nll_loss(out.flatten(0, 1), targets.flatten(0, 1), ignore_index=ignore_index, reduction="none")
+        valid = (targets != ignore_index).flatten(0, 1)
+        per_step_sum = nll.flatten(1).sum(1).view(out.shape[:2]).sum(0)
+        per_step_count = valid.flatten(1).sum(1).view(out.shape[:2]).sum(0).clamp_min(1)
+        recon = per_step_sum / per_step_count                                  # (T-1,)
+    kl = result["kl"].mean(0)                                                  # (T-1,)
+    loss = recon.sum() + s.beta * kl.sum()
+    return {"loss": loss, "nll": recon.detach().mean(), "kl": kl.detach().mean()}
+
+
+def confusion(pred: torch.Tensor, truth: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class confusion counts (truth x pred) over all pixels; truth outside [0, N) (ignore) is skipped."""
+    truth, pred = truth.reshape(-1).long(), pred.reshape(-1).long()
+    keep = truth < num_classes
+    return torch.bincount(truth[keep] * num_classes + pred[keep], minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def miou(pred: torch.Tensor, truth: torch.Tensor, num_classes: int) -> float:
+    """Mean over classes present in truth or prediction of intersection / union, pooled over all frames."""
+    conf = confusion(pred, truth, num_classes).double()
+    inter = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - inter
+    present = union > 0
+    return float((inter[present] / union[present]).mean()) if present.any() else float("nan")
+
+
+@torch.no_grad()
+def validate(model: StructureModel, batch: torch.Tensor, cfg, ignore_index: int, seed: int) -> dict:
+    """Teacher-forced NLL/KL (and mIoU of its argmax on the future frames), free-running mIoU over the first
+    val_future predicted frames (one sample, prior-driven) and the copy-last-context baseline's mIoU."""
+    s = cfg.structure
+    model.eval()
+    n_past, n_future = s.n_past, s.n_future
+    generator = torch.Generator(batch.device).manual_seed(seed)
+    result = model(batch[:, :n_past + n_future], n_past, generator=generator)
+    losses = clip_loss(model, result, batch[:, :n_past + n_future], cfg, ignore_index)
+    metrics = {"nll": float(losses["nll"]), "kl": float(losses["kl"])}
+    truth = batch[:, n_past:n_past + s.val_future]
+    copy_last = batch[:, n_past - 1:n_past].expand_as(truth)
+    predicted = model.generate(batch[:, :n_past], s.val_future, 1, generator)[:, 0]
+    if model.variant == "rgb":
+        error = lambda a, b: float((a.float() - b.float()).square().mean() / 127.5 ** 2)  # noqa: E731 (in [-1,1] units)
+        metrics.update(mse_free=error(predicted, truth), mse_copy_last=error(copy_last, truth))
+    else:
+        teacher = result["out"][:, n_past - 1:].argmax(2)
+        metrics.update(miou_teacher=miou(teacher, batch[:, n_past:n_past + n_future], model.num_classes),
+                       miou_free=miou(predicted, truth, model.num_classes),
+                       miou_copy_last=miou(copy_last, truth, model.num_classes))
+    model.train()
+    return metrics
+
+
+@torch.no_grad()
+def write_samples(model: StructureModel, batch: torch.Tensor, cfg, palette, path: Path, seed: int) -> Path:
+    """A grid video, one row per clip: copy of the last context frame | context then prediction | truth."""
+    s = cfg.structure
+    model.eval()
+    generator = torch.Generator(batch.device).manual_seed(seed)
+    context = batch[:, :s.n_past]
+    predicted = model.generate(context, s.sample_future, 1, generator)[:, 0]
+    truth = batch[:, :s.n_past + s.sample_future]
+    shown = torch.cat([context, predicted], 1)
+    held = torch.cat([context, context[:, -1:].expand_as(predicted)], 1)
+    if model.variant == "rgb":
+        to_rgb = lambda v: v.movedim(-3, -1).cpu().numpy()  # noqa: E731
+    else:
+        to_rgb = lambda v: common.colorize(v.cpu().numpy(), palette)  # noqa: E731
+    videos = []
+    for clip in range(batch.shape[0]):
+        videos += [to_rgb(held[clip]), to_rgb(shown[clip]), to_rgb(truth[clip])]
+    grid = common.tile(videos, columns=3)
+    # a red bar under the grid marks predicted frames
+    bar = np.zeros((grid.shape[0], 3, grid.shape[2], 3), np.uint8)
+    bar[s.n_past:, :, :, 0] = 255
+    model.train()
+    return common.write_video(path, np.concatenate([grid, bar], 1), fps=5, scale=2)
+
+
+# ----------------------------------------------------------------------------- training
+
+def check_config(cfg, world_size: int) -> None:
+    s = cfg.structure
+    checks = [(s.n_past >= 1, "structure.n_past must be >= 1"), (s.n_future >= 1, "structure.n_future must be >= 1"),
+              (s.stride >= 1, "structure.stride must be >= 1"), (s.iterations >= 0, "structure.iterations must be >= 0"),
+              (s.rgb_loss in ("l1", "l2"), f"structure.rgb_loss must be l1 or l2, got {s.rgb_loss!r}"),
+              (s.sample_format in ("gif", "mp4"), f"structure.sample_format must be gif or mp4, got {s.sample_format!r}"),
+              (len(s.adam_betas) == 2, f"structure.adam_betas must be [beta1, beta2], got {s.adam_betas!r}"),
+              (min(s.log_every, s.eval_every, s.ckpt_every) >= 1, "structure.log_every/eval_every/ckpt_every must be >= 1"),
+              (s.batch_size >= world_size and s.batch_size % world_size == 0,
+               f"structure.batch_size={s.batch_size} must be a multiple of the {world_size} DDP ranks")]
+    for ok, message in checks:
+        if not ok:
+            raise common.ConfigError(message)
+
+
+def main(argv=None) -> dict:
+    cfg, args = common.parse_args(argv, description=__doc__)
+    s = cfg.structure
+    kernels.set_backend(cfg.run.kernel_backend)
+    dist = common.setup_distributed(cfg.run.device)
+    device = dist.device
+    check_config(cfg, dist.world_size)
+    run_dir = Path(cfg.run.dir) / "structure"
+    if dist.is_main:  # rank 0 generates synthetic data once; the others wait for it
+        meta = data.ensure_dataset(cfg)
+    common.barrier()
+    if not dist.is_main:
+        meta = data.ensure_dataset(cfg)
+
+    common.seed_everything(cfg.run.seed)
+    model = build_model(cfg).to(device)
+    if device.type == "cuda":
+        model.memory_format = torch.channels_last
+        model.to(memory_format=torch.channels_last)
+    modality = "rgb" if s.variant == "rgb" else "label"
+    train_set = ClipDataset(cfg.data.root, "train", s.n_past, s.n_future, s.stride, modalities=(modality,))
+    longest = max(s.n_future, s.val_future, s.sample_future)
+    val_set = ClipDataset(cfg.data.root, "val", s.n_past, longest, s.stride, modalities=(modality,))
+    optimizer = torch.optim.Adam(model.parameters(), lr=s.lr, betas=tuple(s.adam_betas))
+    scaler = common.grad_scaler(device, cfg.run.precision)
+    ignore_index = int(meta.get("ignore_index", 255))
+
+    start_step, history = 0, {"train_loss": [], "train_nll": [], "train_kl": [], "val": [], "seconds": 0.0}
+    checkpoint = common.resume_path(args, run_dir)
+    if checkpoint is not None:
+        payload = common.load_checkpoint(checkpoint, modules={"structure": model}, optimizers={"adam": optimizer},
+                                         scalers={"scaler": scaler}, cfg=cfg, check_keys=ARCH_KEYS, map_location=device,
+                                         restore_rng=False)  # restored below, once the loader has drawn its seed
+        start_step, history = payload["step"], payload["extra"]["history"]
+        common.log(f"resumed from {checkpoint} at step {start_step}")
+    else:  # each rank draws its own latent noise; weights are rank 0's (DDP broadcasts them)
+        torch.manual_seed(cfg.run.seed * 1000 + dist.rank)
+    common.log(f"structure generator ({s.variant}): {count_parameters(model):,} parameters, "
+               f"{len(train_set)} training clips, device {device}, {dist.world_size} rank(s)")
+    trained = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
+
+    loader = make_loader(train_set, s.batch_size // dist.world_size, cfg.run.seed, start_step, dist.rank,
+                         dist.world_size, s.flip, cfg.run.num_workers)
+    if checkpoint is not None:  # after make_loader, which draws from the global RNG, so resumed == uninterrupted
+        states = payload["rng"]
+        common.set_rng_state(states[dist.rank] if len(states) == dist.world_size else states[0])
+    val_batch = fixed_batch(val_set, s.val_clips)[modality].to(device)
+    sample_batch = fixed_batch(val_set, s.sample_clips)[modality].to(device)
+
+    def save(step):
+        common.save_checkpoint(run_dir / "last.pt", step=step, cfg=cfg, modules={"structure": model},
+                               optimizers={"adam": optimizer}, scalers={"scaler": scaler}, extra={"history": history})
+
+    def evaluate(step):
+        if not dist.is_main:
+            return
+        metrics = validate(model, val_batch, cfg, ignore_index, cfg.run.seed)
+        history["val"].append((step, metrics))
+        common.log(f"step {step} val " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        write_samples(model, sample_batch, cfg, meta["palette"], run_dir / "samples" / f"step{step:07d}.{s.sample_format}",
+                      cfg.run.seed)
+        curves = {"train loss (sum over steps)": history["train_loss"], "train nll / step": history["train_nll"],
+                  "train kl / step": history["train_kl"]}
+        for name in metrics:
+            curves[f"val {name}"] = [(st, m[name]) for st, m in history["val"]]
+        common.plot_curves(curves, run_dir / "loss.png", title=f"structure generator ({s.variant})")
+        with open(run_dir / "log.txt", "a") as f:
+            f.write(f"step {step} " + " ".join(f"{k}={v:.5f}" for k, v in metrics.items()) + "\n")
+
+    step, started = start_step, time.time()
+    model.train()
+    bar = tqdm(total=s.iterations, initial=start_step, disable=not dist.is_main, dynamic_ncols=True, desc="structure")
+    with common.StopSignal() as stop:
+        while step < s.iterations:
+            frames = next(loader)[modality].to(device, non_blocking=True)
+            with common.autocast(device, cfg.run.precision):
+                result = trained(frames, s.n_past)
+            losses = clip_loss(model, result, frames, cfg, ignore_index)
+            optimizer.zero_grad(set_to_none=True)
+            if common.loss_is_finite(losses["loss"], step, cfg.run.on_nonfinite):
+                scaler.scale(losses["loss"]).backward()
+                if s.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+            step += 1
+            bar.update(1)
+            if step % s.log_every == 0:
+                values = {k: float(common.all_reduce_mean(v.detach().reshape(1))) for k, v in losses.items()}
+                for k in ("loss", "nll", "kl"):
+                    history[f"train_{k}"].append((step, values[k]))
+                bar.set_postfix(loss=f"{values['loss']:.3f}", nll=f"{values['nll']:.3f}", kl=f"{values['kl']:.2f}")
+            stopping = stop.should_stop()
+            if step % s.eval_every == 0 or step == s.iterations:
+                evaluate(step)
+            if step % s.ckpt_every == 0 or step == s.iterations or stopping:
+                history["seconds"] += time.time() - started
+                started = time.time()
+                save(step)
+            if stopping:
+                break
+    bar.close()
+    common.assert_ranks_identical(model)
+    common.log(f"structure generator: step {step}, {history['seconds']:.0f} s of training in total; outputs in {run_dir}")
+    return {"run_dir": run_dir, "step": step, "history": history, "model": model}
+
+
+if __name__ == "__main__":
+    common.main_guard(main)
