@@ -45,10 +45,11 @@ class Config(dict):
         return {k: v.to_dict() if isinstance(v, Config) else copy.deepcopy(v) for k, v in self.items()}
 
     def get_path(self, dotted: str):
-        node = self
-        for part in dotted.split("."):
-            node = node[part]
-        return node
+        return _lookup(self, dotted)
+
+    @staticmethod
+    def from_dict(tree: dict) -> "Config":
+        return _to_config(copy.deepcopy(tree))
 
 
 def _to_config(tree):
@@ -591,24 +592,31 @@ def tile(videos: list, columns: int | None = None, pad: int = 2) -> np.ndarray:
 
 def write_video(path, frames, fps: int = 10, scale: int = 1) -> Path:
     """(T, H, W, 3) uint8 -> .mp4 (H.264 via imageio-ffmpeg) or .gif, written atomically."""
-    import imageio.v3 as iio
-    path = Path(path)
     frames = np.asarray(frames, np.uint8)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"write_video({path}): frames must be (T, H, W, 3), got {frames.shape}")
-    if scale > 1:
-        frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
-    if path.suffix == ".mp4":
-        # H.264 with yuv420p needs even sides.
-        frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)), mode="edge")
-        with atomic_path(path) as tmp:
-            iio.imwrite(tmp, frames, extension=".mp4", fps=fps, codec="libx264", macro_block_size=1,
-                        output_params=["-pix_fmt", "yuv420p", "-crf", "18"])
-    elif path.suffix == ".gif":
-        with atomic_path(path) as tmp:
-            iio.imwrite(tmp, frames, extension=".gif", duration=1000 / fps, loop=0)
-    else:
+    return write_video_stream(path, iter(frames), fps, scale)
+
+
+def write_video_stream(path, frames, fps: int = 10, scale: int = 1) -> Path:
+    """Frames (H, W, 3) uint8 from any iterable -> .mp4 or .gif without holding the video in memory
+    (MP4 streams to ffmpeg); the file appears only when complete."""
+    import imageio.v2 as imageio
+    path = Path(path)
+    if path.suffix not in (".mp4", ".gif"):
         raise ValueError(f"write_video({path}): use .mp4 or .gif")
+    options = (dict(fps=fps, codec="libx264", macro_block_size=1, quality=None,
+                    output_params=["-pix_fmt", "yuv420p", "-crf", "18"]) if path.suffix == ".mp4"
+               else dict(duration=1000 / fps, loop=0))
+    with atomic_path(path) as tmp:
+        with imageio.get_writer(tmp, format="FFMPEG" if path.suffix == ".mp4" else "GIF", mode="I", **options) as writer:
+            for frame in frames:
+                frame = np.asarray(frame, np.uint8)
+                if scale > 1:
+                    frame = frame.repeat(scale, axis=0).repeat(scale, axis=1)
+                if path.suffix == ".mp4":  # H.264 with yuv420p needs even sides
+                    frame = np.pad(frame, ((0, frame.shape[0] % 2), (0, frame.shape[1] % 2), (0, 0)), mode="edge")
+                writer.append_data(frame)
     return path
 
 
