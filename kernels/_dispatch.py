@@ -1,7 +1,8 @@
 """Backend switch shared by the fused kernels: auto | triton | torch.
 
 The backend is chosen, in order of precedence, by `set_backend(name)` (scripts call it with their
-config value), the environment variable HVP_KERNEL_BACKEND, and the default "auto".
+config value `kernel_backend`; "auto" there defers to the environment), the environment variable
+HVP_KERNEL_BACKEND, and the default "auto".
 
 - "torch":  always the plain-torch reference.
 - "triton": always the Triton kernels; a clear RuntimeError when that cannot work (triton missing or
@@ -81,13 +82,16 @@ def _check_name(name, source):
 
 
 def set_backend(name):
-    """Select the kernel backend for this process: "auto", "triton" or "torch"."""
+    """Select the kernel backend for this process: "auto", "triton" or "torch". Scripts pass their
+    config value; "auto" there leaves the choice to $HVP_KERNEL_BACKEND when that is set."""
     global _backend_override
-    _backend_override = _check_name(name, "set_backend()")
+    name = _check_name(name, "set_backend()")
+    _backend_override = None if name == "auto" else name
 
 
 def get_backend():
-    """The backend in force: set_backend() if called, else $HVP_KERNEL_BACKEND, else "auto"."""
+    """The backend in force: set_backend("triton" | "torch") if called, else $HVP_KERNEL_BACKEND,
+    else "auto"."""
     if _backend_override is not None:
         return _backend_override
     env = os.environ.get(ENV_VAR)
