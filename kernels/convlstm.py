@@ -42,8 +42,10 @@ def _tanh(x):
 def _convlstm_fwd_kernel(gates_ptr, c_prev_ptr, h_ptr, c_ptr, C, HW,
                          g_sb, g_sc, g_sp, p_sb, p_sc, p_sp, o_sb, o_sc, o_sp,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    b = tl.program_id(2).to(tl.int64)
-    pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    # axis 0 walks (batch, pixel block): no 65535 limit on the batch
+    pix_blocks = (HW + BLOCK_P - 1) // BLOCK_P
+    b = (tl.program_id(0) // pix_blocks).to(tl.int64)
+    pix = (tl.program_id(0) % pix_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (pix[:, None] < HW) & (ch[None, :] < C)
     g_off = b * g_sb + ch[None, :] * g_sc + pix[:, None] * g_sp
@@ -67,8 +69,10 @@ def _convlstm_bwd_kernel(gates_ptr, c_prev_ptr, dh_ptr, dc_ptr, dgates_ptr, dc_p
                          dg_sb, dg_sc, dg_sp, dp_sb, dp_sc, dp_sp,
                          HAS_DH: tl.constexpr, HAS_DC: tl.constexpr, NEED_DC_PREV: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    b = tl.program_id(2).to(tl.int64)
-    pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    # axis 0 walks (batch, pixel block): no 65535 limit on the batch
+    pix_blocks = (HW + BLOCK_P - 1) // BLOCK_P
+    b = (tl.program_id(0) // pix_blocks).to(tl.int64)
+    pix = (tl.program_id(0) % pix_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (pix[:, None] < HW) & (ch[None, :] < C)
     g_off = b * g_sb + ch[None, :] * g_sc + pix[:, None] * g_sp
@@ -116,7 +120,7 @@ def _strides(t):
 
 def _launch_grid(gates, C, HW, fmt):
     block_p, block_c = _dispatch.tile_shape(HW, C, channels_inner=fmt == torch.channels_last)
-    return (triton.cdiv(HW, block_p), triton.cdiv(C, block_c), gates.shape[0]), block_p, block_c
+    return (gates.shape[0] * triton.cdiv(HW, block_p), triton.cdiv(C, block_c)), block_p, block_c
 
 
 def _forward(gates, c_prev):

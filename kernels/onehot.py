@@ -52,8 +52,9 @@ def onehot_conv3x3_reference(index, weight, bias=None, memory_format=torch.conti
 def _argmax_onehot_kernel(logits_ptr, index_ptr, onehot_ptr, N, HW, l_sb, l_sc, l_sp, o_sb, o_sc, o_sp,
                           WRITE_ONEHOT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     # one program: BLOCK_P pixels x all N classes (N <= 256) of one batch element
-    b = tl.program_id(1).to(tl.int64)
-    pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pix_blocks = (HW + BLOCK_P - 1) // BLOCK_P  # axis 0 walks (batch, pixel block)
+    b = (tl.program_id(0) // pix_blocks).to(tl.int64)
+    pix = (tl.program_id(0) % pix_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
     cls = tl.arange(0, BLOCK_N)
     valid_p = pix < HW
     tile = valid_p[:, None] & (cls[None, :] < N)
@@ -77,8 +78,9 @@ def _onehot_conv3x3_fwd_kernel(index_ptr, wt_ptr, bias_ptr, out_ptr, N, C_out, H
                                HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr):
     # one program: BLOCK_P pixels x BLOCK_O output channels of one batch element. wt is the weight
     # laid out (9, N, C_out) so that the gathered rows are contiguous over output channels.
-    b = tl.program_id(2).to(tl.int64)
-    pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pix_blocks = (H * W + BLOCK_P - 1) // BLOCK_P  # axis 0 walks (batch, pixel block)
+    b = (tl.program_id(0) // pix_blocks).to(tl.int64)
+    pix = (tl.program_id(0) % pix_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
     out_ch = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     valid_p = pix < H * W
     valid_o = out_ch < C_out
@@ -145,7 +147,7 @@ def _argmax_onehot_launch(logits, with_onehot):
     block_n = max(2, triton.next_power_of_2(N))
     elements = 8192 if _dispatch.INTERPRET else 2048
     block_p = max(2, min(elements // block_n, triton.next_power_of_2(H * W)))
-    _argmax_onehot_kernel[(triton.cdiv(H * W, block_p), B)](
+    _argmax_onehot_kernel[(B * triton.cdiv(H * W, block_p),)](
         logits, index, onehot_arg, N, H * W,
         logits.stride(0), logits.stride(1), _dispatch.pixel_stride(logits),
         onehot_arg.stride(0), onehot_arg.stride(1), _dispatch.pixel_stride(onehot_arg),
@@ -162,7 +164,7 @@ def _onehot_conv3x3_forward(index, weight, bias, memory_format):
     weight_t = weight.permute(2, 3, 1, 0).contiguous()  # (3, 3, N, C_out): rows of output channels
     bias_arg = bias.contiguous() if bias is not None else weight_t
     block_p, block_o = _dispatch.tile_shape(H * W, C_out, channels_inner=memory_format == torch.channels_last)
-    grid = (triton.cdiv(H * W, block_p), triton.cdiv(C_out, block_o), B)
+    grid = (B * triton.cdiv(H * W, block_p), triton.cdiv(C_out, block_o))
     _onehot_conv3x3_fwd_kernel[grid](index, weight_t, bias_arg, out, N, C_out, H, W, *index.stride(),
                                      out.stride(0), out.stride(1), _dispatch.pixel_stride(out),
                                      HAS_BIAS=bias is not None, BLOCK_P=block_p, BLOCK_O=block_o)

@@ -80,8 +80,9 @@ def _bilinear_taps(flow_ptr, b, pix, valid, fl_sb, fl_sc, fl_sp, H, W, x_max, y_
 def _warp_fwd_kernel(prev_ptr, flow_ptr, mask_ptr, hall_ptr, out_ptr, C, H, W, x_max, y_max,
                      pr_sb, pr_sc, pr_sp, fl_sb, fl_sc, fl_sp, m_sb, m_sp, ha_sb, ha_sc, ha_sp,
                      o_sb, o_sc, o_sp, BLEND: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pix_blocks = (H * W + BLOCK - 1) // BLOCK  # axis 0 walks (batch, pixel block)
+    b = (tl.program_id(0) // pix_blocks).to(tl.int64)
+    pix = (tl.program_id(0) % pix_blocks) * BLOCK + tl.arange(0, BLOCK)
     valid = pix < H * W
     p00, p01, p10, p11, tx, ty, _, _, _, _ = _bilinear_taps(flow_ptr, b, pix, valid, fl_sb, fl_sc, fl_sp,
                                                             H, W, x_max, y_max)
@@ -111,8 +112,9 @@ def _warp_bwd_kernel(prev_ptr, flow_ptr, mask_ptr, hall_ptr, grad_ptr,
                      dh_sb, dh_sc, dh_sp,
                      BLEND: tl.constexpr, NEED_PREV: tl.constexpr, NEED_HALL: tl.constexpr,
                      BLOCK: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pix_blocks = (H * W + BLOCK - 1) // BLOCK  # axis 0 walks (batch, pixel block)
+    b = (tl.program_id(0) // pix_blocks).to(tl.int64)
+    pix = (tl.program_id(0) % pix_blocks) * BLOCK + tl.arange(0, BLOCK)
     valid = pix < H * W
     p00, p01, p10, p11, tx, ty, has_x1, has_y1, inside_x, inside_y = _bilinear_taps(
         flow_ptr, b, pix, valid, fl_sb, fl_sc, fl_sp, H, W, x_max, y_max)
@@ -184,7 +186,7 @@ def _forward(prev, flow, mask, hallucinated):
     hallucinated = _dispatch.walkable(hallucinated) if blend else prev
     block = _block()
     m_sb, _, m_sp = _bsp(mask)
-    _warp_fwd_kernel[(triton.cdiv(H * W, block), B)](
+    _warp_fwd_kernel[(B * triton.cdiv(H * W, block),)](
         prev, flow, mask, hallucinated, out, C, H, W, float(W - 1), float(H - 1),
         *_bsp(prev), *_bsp(flow), m_sb, m_sp, *_bsp(hallucinated), *_bsp(out),
         BLEND=blend, BLOCK=block)
@@ -213,7 +215,7 @@ def _backward(prev, flow, mask, hallucinated, grad_out, need_prev, need_hall):
     block = _block()
     m_sb, _, m_sp = _bsp(mask)
     dm_sb, _, dm_sp = _bsp(d_mask_arg)
-    _warp_bwd_kernel[(triton.cdiv(H * W, block), B)](
+    _warp_bwd_kernel[(B * triton.cdiv(H * W, block),)](
         prev, flow, mask, hallucinated, grad_out, d_prev_arg, d_flow, d_mask_arg, d_hall_arg,
         C, H, W, float(W - 1), float(H - 1),
         *_bsp(prev), *_bsp(flow), m_sb, m_sp, *_bsp(hallucinated), *_bsp(grad_out),
