@@ -245,7 +245,8 @@ def shotwise_fvd(reader, real_features: np.ndarray, window: int = 16, time_strid
                            f"shot-wise FVD window of {window} (evaluate.window)")
     ts, fvds, video_scores = [], [], []
     for t in _progress(reader.window_starts(window, time_stride), progress, desc="shot-wise FVD"):
-        logits = i3d_features(reader.all_windows("rgb", t, window), batch_size, device)
+        logits = np.concatenate([i3d_features(videos, batch_size, device)
+                                 for videos in reader.iter_windows("rgb", t, window, batch_size)])
         ts.append(t)
         fvds.append(frechet_distance(logits, real_features))
         video_scores.append(inception_score(torch.from_numpy(logits).double().softmax(1).numpy()))
@@ -286,10 +287,12 @@ def inception_over_time(reader, window: int = 16, time_stride: int = 1, classifi
     for t in _progress(reader.window_starts(window, time_stride), progress, desc="Inception score"):
         first = max([t] + [f + 1 for f in probs if f < t + window])  # windows move forward: a suffix is new
         if first < t + window:
-            block = reader.all_windows("rgb", first, t + window - first)  # (M, n, H, W, 3)
-            p = classifier_probs(block.reshape(-1, *block.shape[2:]), classifier, weights, batch_size, device)
-            p = p.reshape(block.shape[0], block.shape[1], -1)
-            for i in range(block.shape[1]):
+            n, parts = t + window - first, []
+            for block in reader.iter_windows("rgb", first, n, max(batch_size // n, 1)):  # (m, n, H, W, 3)
+                p = classifier_probs(block.reshape(-1, *block.shape[2:]), classifier, weights, batch_size, device)
+                parts.append(p.reshape(len(block), n, -1))
+            p = np.concatenate(parts)
+            for i in range(n):
                 probs[first + i] = p[:, i]
         for f in [f for f in probs if f < t]:
             del probs[f]
@@ -393,12 +396,13 @@ def short_term(reader, fvd_frames=16, fvd_context=True, segmenter=None, batch_si
     num_classes = reader.protocol["num_classes"]
     seg_model = torch.jit.load(segmenter, map_location=_device(device)).eval() if segmenter else None
     best = {k: [] for k in ("csim", "psnr", "ssim")}
-    label_conf, rgb_conf, real_videos, fake_videos = [], [], [], []
-    horizons = []
+    label_conf, rgb_conf, real_videos, fake_features = [], [], [], []
+    horizons = [min(reader.frames_done(), len(reader.truth(c, "rgb" if has_rgb else "label")))
+                for c in range(reader.num_clips)]
+    fvd_length = min(fvd_frames, (reader.n_past if fvd_context else 0) + min(horizons))
+    run_fvd = has_rgb and fvd_length >= I3D_MIN_FRAMES and reader.num_clips >= 2
     for c in _progress(range(reader.num_clips), progress, desc="short-term"):
-        truth_len = len(reader.truth(c, "rgb" if has_rgb else "label"))
-        h = min(reader.frames_done(), truth_len)
-        horizons.append(h)
+        h = horizons[c]
         if has_rgb:
             truth = np.asarray(reader.truth(c, "rgb")[:h])
             preds = np.stack([reader.frames(c, s, "rgb", 0, h) for s in range(reader.num_samples)])
@@ -408,17 +412,18 @@ def short_term(reader, fvd_frames=16, fvd_context=True, segmenter=None, batch_si
                              ("ssim", ssim)):
                 scores = fn(flat, tiled).reshape(reader.num_samples, h)
                 best[name].append(scores[scores.mean(1).argmax()])
-            context = np.asarray(reader.context(c, "rgb"))
-            real = np.concatenate([context, truth]) if fvd_context else truth
-            real_videos.append(real[:fvd_frames])
-            fake_videos += [(np.concatenate([context, p]) if fvd_context else p)[:fvd_frames] for p in preds]
-            if seg_model is not None:
+            if run_fvd:
+                context = np.asarray(reader.context(c, "rgb")) if fvd_context else truth[:0]
+                real_videos.append(np.concatenate([context, truth])[:fvd_length])
+                fakes = np.stack([np.concatenate([context, p])[:fvd_length] for p in preds])
+                fake_features.append(i3d_features(fakes, batch_size, device))
+            if seg_model is not None and has_label:
                 rgb_conf.append(_segmenter_confusions(seg_model, preds, reader.truth(c, "label")[:h], num_classes,
-                                                      device) if has_label else None)
+                                                      device))
         if has_label:
             truth = np.asarray(reader.truth(c, "label")[:h])
             confs = np.stack([[confusion_matrix(reader.frames(c, s, "label", f, f + 1), truth[f:f + 1], num_classes)
-                               for f in range(h)] for s in range(reader.num_samples)])  # (S, h, C, C+1)
+                               for f in range(len(truth))] for s in range(reader.num_samples)])  # (S, h, C, C+1)
             label_conf.append(confs[np.argmax([mean_iou(conf.sum(0)) for conf in confs])])
     result = {"horizon": int(min(horizons)), "samples": reader.num_samples}
     for name, curves in best.items():
@@ -427,20 +432,17 @@ def short_term(reader, fvd_frames=16, fvd_context=True, segmenter=None, batch_si
             per_frame = np.mean([c[:h] for c in curves], 0)
             result[name] = {"per_frame": per_frame.tolist(), "mean": float(per_frame.mean()),
                             "best_of": reader.num_samples}
-    for key, confs in (("miou", label_conf), ("miou_rgb", [c for c in rgb_conf if c is not None])):
+    for key, confs in (("miou", label_conf), ("miou_rgb", rgb_conf)):
         if confs:
             result[key] = _miou_summary(confs, num_classes, reader.num_samples)
-    if real_videos:
-        length = min(len(v) for v in real_videos + fake_videos)
-        if length >= I3D_MIN_FRAMES and len(real_videos) >= 2:
-            real_feat = i3d_features(np.stack([v[:length] for v in real_videos]), batch_size, device)
-            fake_feat = i3d_features(np.stack([v[:length] for v in fake_videos]), batch_size, device)
-            result["fvd"] = {"value": frechet_distance(fake_feat, real_feat), "frames": length,
-                             "context": bool(fvd_context), "real_videos": len(real_videos),
-                             "fake_videos": len(fake_videos)}
-        else:
-            result["fvd"] = {"skipped": f"needs >= 2 clips and >= {I3D_MIN_FRAMES} frames per clip, "
-                                        f"have {len(real_videos)} clips of {length} frames"}
+    if run_fvd:
+        fake = np.concatenate(fake_features)
+        result["fvd"] = {"value": frechet_distance(fake, i3d_features(np.stack(real_videos), batch_size, device)),
+                         "frames": fvd_length, "context": bool(fvd_context), "real_videos": len(real_videos),
+                         "fake_videos": len(fake)}
+    elif has_rgb:
+        result["fvd"] = {"skipped": f"needs >= 2 clips and >= {I3D_MIN_FRAMES} frames per clip, have "
+                                    f"{reader.num_clips} clips of {fvd_length} frames"}
     return result
 
 
@@ -518,8 +520,15 @@ def run(cfg) -> dict:
     out_dir = Path(ev.out_dir or rollout_dir / "eval")
     device = _device(ev.device if ev.device != "auto" else None)
     chosen = {k for k in ("shotwise", "inception", "short") if ev[k]}
+    has_rgb = "rgb" in reader.modalities
+    if not chosen:  # everything this rollout supports
+        chosen = ({"shotwise", "inception"} if has_rgb else set()) | \
+            ({"short"} if reader.has_truth("rgb") or reader.has_truth("label") else set())
+    if not has_rgb and chosen & {"shotwise", "inception"}:
+        raise RolloutError(f"{rollout_dir}: the rollout has no RGB frames (modalities {reader.modalities}); "
+                           f"shot-wise FVD and the Inception-style score need them")
     if not chosen:
-        chosen = {"shotwise", "inception"} | ({"short"} if reader.has_truth("rgb") or reader.has_truth("label") else set())
+        raise RolloutError(f"{rollout_dir}: nothing to evaluate (no RGB frames and no ground truth)")
     if ev.classifier not in CLASSIFIERS:
         raise WeightError(f"evaluate.classifier={ev.classifier!r}; choose one of {', '.join(CLASSIFIERS)}")
     dataset_root = ev.dataset_root or (reader.protocol["dataset_root"]

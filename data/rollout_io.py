@@ -301,6 +301,12 @@ class RolloutReader(_ChunkIndex):
         return np.stack([self.frames(c, s, modality, start, start + window)
                          for c in range(self.num_clips) for s in range(self.num_samples)])
 
+    def iter_windows(self, modality: str, start: int, window: int, batch: int):
+        """all_windows in batches of at most `batch` clip/sample windows, so memory stays bounded."""
+        pairs = [(c, s) for c in range(self.num_clips) for s in range(self.num_samples)]
+        for i in range(0, len(pairs), batch):
+            yield np.stack([self.frames(c, s, modality, start, start + window) for c, s in pairs[i:i + batch]])
+
     def window_starts(self, window: int, stride: int = 1, frames: int | None = None) -> list[int]:
         """Start frames t of the windows [t, t + window) that fit in the first `frames` (default: all done)."""
         frames = self.frames_done() if frames is None else frames
