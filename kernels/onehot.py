@@ -163,7 +163,9 @@ def _onehot_conv3x3_forward(index, weight, bias, memory_format):
         return out
     weight_t = weight.permute(2, 3, 1, 0).contiguous()  # (3, 3, N, C_out): rows of output channels
     bias_arg = bias.contiguous() if bias is not None else weight_t
-    block_p, block_o = _dispatch.tile_shape(H * W, C_out, channels_inner=memory_format == torch.channels_last)
+    # all (up to 64) output channels of a pixel in one program: the nine index loads are shared by them
+    block_o = max(2, min(64, triton.next_power_of_2(C_out)))
+    block_p = max(2, min((8192 if _dispatch.INTERPRET else 2048) // block_o, triton.next_power_of_2(H * W)))
     grid = (B * triton.cdiv(H * W, block_p), triton.cdiv(C_out, block_o))
     _onehot_conv3x3_fwd_kernel[grid](index, weight_t, bias_arg, out, N, C_out, H, W, *index.stride(),
                                      out.stride(0), out.stride(1), _dispatch.pixel_stride(out),
