@@ -193,3 +193,17 @@ def test_bad_dtypes_raise_clear_errors():
         kernels.warp(prev, flow.long())
     with pytest.raises(TypeError, match="hallucinated must have prev's dtype"):
         kernels.warp_blend(prev, flow, torch.zeros(1, 1, 4, 4), prev.half())
+
+
+@triton_only
+def test_mixed_dtypes_flow_and_mask_half_frames_float32():
+    """Under autocast the flow/mask branch may come out in half precision while frames stay fp32."""
+    prev, flow, mask, hallucinated, grad_out = inputs((2, 3, 5, 6), torch.float32, "contiguous", 13)
+    flow, mask = flow.half(), mask.half()
+    with kernels.using_backend("triton"):
+        out, grads = run(kernels.warp_blend, (prev, flow, mask, hallucinated), grad_out)
+    out_ref, grads_ref = run(kernels.warp_blend_reference, (prev, flow, mask, hallucinated), grad_out)
+    assert out.dtype == torch.float32 and grads[1].dtype == torch.float16 and grads[2].dtype == torch.float16
+    assert_close(out, out_ref, TOL[torch.float32], "out")
+    for got, want in zip(grads, grads_ref):
+        assert_close(got, want, FLOW_TOL[torch.float16], "grad")
