@@ -198,7 +198,7 @@ def parse_args():
     parser.add_argument("--dtypes", default=None, help="fp32,bf16,fp16 (default fp32,bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--cpu-batch-large", type=int, default=8,
                         help="on CPU, batch for sizes above 64 so that the run takes minutes (default 8)")
-    parser.add_argument("--reps", type=int, default=None, help="timed calls per case (default 50 CUDA, 5 CPU)")
+    parser.add_argument("--reps", type=int, default=None, help="timed calls per case (default 50 CUDA, 10 CPU)")
     parser.add_argument("--budget", type=float, default=None, help="seconds per timed case before stopping early")
     parser.add_argument("--quick", action="store_true", help="batch 8, sizes 64, 3 repetitions")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -226,7 +226,7 @@ def main():
     unknown = [d for d in dtype_names if d not in DTYPES]
     if unknown:
         raise SystemExit(f"--dtypes: unknown {unknown}; choose from {list(DTYPES)}")
-    reps = args.reps or (50 if on_cuda else 5)
+    reps = args.reps or (50 if on_cuda else 10)
     warmup = 5 if on_cuda else 1
     budget = args.budget if args.budget is not None else (10.0 if on_cuda else 4.0)
     paths = ["fused", "torch"] if on_cuda else ["torch"]
