@@ -67,7 +67,8 @@ class Encoder(nn.Module):
     def __init__(self, in_channels: int, blocks, pools: int, h_channels: int):
         super().__init__()
         if len(blocks) not in (pools, pools + 1):
-            raise ValueError(f"{len(blocks)} encoder blocks for {pools} poolings: need {pools} or {pools + 1}")
+            raise ValueError(f"structure.encoder_blocks: {len(blocks)} blocks for {pools} 2x poolings (frame size to "
+                             f"latent 8): need {pools} or {pools + 1}")
         self.pooled = [i < pools for i in range(len(blocks))]
         self.blocks = nn.ModuleList()
         cin = in_channels

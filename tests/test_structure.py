@@ -1,0 +1,272 @@
+"""Structure generator: paper shapes and parameter counts, training, DDP, resume, rollout step API."""
+import gc
+import hashlib
+import os
+import resource
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+import kernels
+import train_structure
+from train_structure import build_model, count_parameters, load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--run.kernel_backend=torch", "--structure.width_mult=0.125", "--structure.lstm_mult=0.125",
+        "--structure.h_channels=16", "--structure.z_channels=8", "--structure.n_past=3", "--structure.n_future=3",
+        "--structure.stride=1", "--structure.batch_size=4", "--structure.lr=0.002", "--structure.val_clips=2",
+        "--structure.sample_clips=1", "--structure.sample_future=4", "--structure.val_future=3",
+        "--structure.log_every=1", "--structure.eval_every=1000", "--structure.ckpt_every=1000"]
+
+
+@pytest.fixture(autouse=True)
+def torch_kernels_one_thread():
+    # the torch reference path is the CPU path; one thread because tiny ops on a shared 2-core machine
+    # spend far longer synchronising two threads than computing; both restored afterwards
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with kernels.using_backend("torch"):
+        yield
+    torch.set_num_threads(threads)
+
+
+def tiny_args(root, run_dir, *extra):
+    return ["--cfg", "synth_drive.yaml", f"--data.root={root}", "--data.size=[32, 32]", f"--run.dir={run_dir}",
+            *TINY, *extra]
+
+
+def tiny_cfg(*extra, size=(32, 32)):
+    overrides = [o.lstrip("-") for o in TINY[1:]] + [f"data.size=[{size[0]}, {size[1]}]", *extra]
+    return common.load_config("synth_drive.yaml", overrides)
+
+
+def random_labels(*shape, classes=19, seed=0):
+    return torch.randint(0, classes, shape, generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+# ----------------------------------------------------------------------------- paper configs
+
+def test_paper_parameter_counts_and_shapes():
+    counts = {}
+    for name in ("kitti64", "kitti128", "kitti256", "cityscapes128x256", "dance64", "dance128"):
+        cfg = common.load_config(f"{name}.yaml")
+        model = build_model(cfg)
+        counts[name] = count_parameters(model)
+        height, width = cfg.data.size
+        # h_t and z_t are 128 x 8 x 8 (8 x 16 for 128x256) whatever the resolution; skips per block
+        assert model.latent_size == ((8, 16) if name.startswith("cityscapes") else (8, 8))
+        state = model.init_state(1)
+        assert tuple(state.code.shape) == (1, 128, *model.latent_size)
+        assert tuple(state.noise.shape) == (1, 128, *model.latent_size)
+        assert [tuple(s.shape[2:]) for s in state.skips][0] == (height, width)
+        assert state.lstm["predictor"][0][0].shape[1] == 256 and len(state.lstm["predictor"]) == 2
+        assert model.decoder.blocks[-1][-1].out_channels == cfg.data.num_classes
+    # the KITTI 64x64 model of tables B-E (ConvLSTM 3x3 with one conv over [x, h] per cell)
+    assert counts["kitti64"] == 22_257_811
+    assert counts["dance64"] == 22_257_811 + 6 * 64 * 9 + 6 * 64 * 9 + 6  # 25 classes: in, out convs
+    assert counts["kitti64"] < counts["kitti128"] < counts["kitti256"]
+    # the table-B encoder at 64x64: 64x2 -> pool -> 128x2 -> pool -> 256x3 -> pool -> 128
+    model = build_model(common.load_config("kitti64.yaml"))
+    widths = [[conv.out_channels for conv in block] for block in model.encoder.blocks]
+    assert widths == [[64, 64], [128, 128], [256, 256, 256]] and model.encoder.to_h.out_channels == 128
+    decoder = [[conv.out_channels for conv in block] for block in model.decoder.blocks]
+    assert decoder == [[256, 256, 128], [128, 64], [64, 19]]
+    assert model.decoder.blocks[0][0].in_channels == 128 + 256
+    # one small forward of the real 64x64 model: log-probabilities over 19 classes
+    out = model(random_labels(1, 3, 64, 64), n_past=2)
+    assert out["out"].shape == (1, 2, 19, 64, 64) and out["kl"].shape == (1, 2)
+    assert torch.allclose(out["out"].exp().sum(2), torch.ones(1, 2, 64, 64), atol=1e-4)
+
+
+def test_bad_sizes_and_blocks_are_config_errors():
+    with pytest.raises(common.ConfigError, match="data.size"):
+        build_model(tiny_cfg(size=(48, 48)))
+    with pytest.raises(common.ConfigError, match="encoder_blocks"):
+        build_model(tiny_cfg("structure.encoder_blocks=[[16, 2]]"))
+    with pytest.raises(common.ConfigError, match="variant"):
+        build_model(tiny_cfg("structure.variant=gan"))
+
+
+# ----------------------------------------------------------------------------- training
+
+def test_training_reduces_loss_and_writes_outputs(tiny_drive, tmp_path):
+    result = train_structure.main(tiny_args(tiny_drive, tmp_path, "--structure.iterations=30",
+                                            "--structure.eval_every=30"))
+    losses = [v for _, v in result["history"]["train_loss"]]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+    run_dir = tmp_path / "structure"
+    assert (run_dir / "last.pt").is_file() and (run_dir / "last.yaml").is_file() and (run_dir / "loss.png").is_file()
+    assert (run_dir / "samples" / "step0000030.gif").is_file()
+    step, metrics = result["history"]["val"][-1]
+    assert step == 30 and 0 <= metrics["miou_free"] <= 1 and 0 <= metrics["miou_copy_last"] <= 1
+
+
+@pytest.mark.parametrize("variant", ["lstm", "cnn", "soft", "rgb"])
+def test_ablation_variants_train_and_generate(tiny_drive, tmp_path, variant):
+    result = train_structure.main(tiny_args(tiny_drive, tmp_path, f"--structure.variant={variant}",
+                                            "--structure.iterations=2"))
+    model = result["model"].eval()
+    assert all(torch.isfinite(torch.tensor(v)) for _, v in result["history"]["train_loss"])
+    if variant in ("lstm", "cnn"):
+        assert not hasattr(model, "posterior") and all(v == 0 for _, v in result["history"]["train_kl"])
+    if variant == "rgb":
+        context = torch.randint(0, 256, (2, 3, 3, 32, 32), dtype=torch.uint8)
+        assert model.generate(context, 4, samples=2).shape == (2, 2, 4, 3, 32, 32)
+    else:
+        out = model.generate(random_labels(2, 3, 32, 32), 4, samples=2)
+        assert out.shape == (2, 2, 4, 32, 32) and out.dtype == torch.uint8 and int(out.max()) < 19
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_ranks_stay_identical(tiny_drive, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               str(ROOT / "train_structure.py"), *tiny_args(tiny_drive, tmp_path, "--structure.iterations=3")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "identical on all 2 ranks" in done.stdout + done.stderr
+    payload = common.read_checkpoint(tmp_path / "structure" / "last.pt")
+    assert payload["step"] == 3 and len(payload["rng"]) == 2
+
+
+def test_resume_equals_uninterrupted(tiny_drive, tmp_path):
+    straight = train_structure.main(tiny_args(tiny_drive, tmp_path / "a", "--structure.iterations=6"))["model"]
+    train_structure.main(tiny_args(tiny_drive, tmp_path / "b", "--structure.iterations=3"))
+    resumed = train_structure.main(tiny_args(tiny_drive, tmp_path / "b", "--structure.iterations=6", "--resume"))
+    assert resumed["step"] == 6
+    pairs = list(zip(straight.state_dict().items(), resumed["model"].state_dict().items()))
+    assert pairs and all(na == nb and torch.equal(a, b) for (na, a), (nb, b) in pairs)
+
+
+def test_mismatched_checkpoint_is_refused(tiny_drive, tmp_path):
+    train_structure.main(tiny_args(tiny_drive, tmp_path, "--structure.iterations=1"))
+    path = tmp_path / "structure" / "last.pt"
+    assert isinstance(load_model(path), torch.nn.Module)  # its own config
+    with pytest.raises(common.CheckpointError, match=r"data.num_classes=19 but the config says data.num_classes=25"):
+        load_model(path, tiny_cfg("data.num_classes=25"))
+    with pytest.raises(common.CheckpointError, match=r"data.size=\[32, 32\] but the config says data.size=\[64, 64\]"):
+        load_model(path, tiny_cfg(size=(64, 64)))
+    with pytest.raises(common.CheckpointError, match="structure.lstm_mult"):
+        train_structure.main(tiny_args(tiny_drive, tmp_path, "--structure.iterations=2", "--structure.lstm_mult=0.25",
+                                       "--resume"))
+    # from the command line: one line naming the key, exit status 2, no traceback
+    done = subprocess.run([sys.executable, str(ROOT / "train_structure.py"),
+                           *tiny_args(tiny_drive, tmp_path, "--structure.iterations=2", "--structure.h_channels=8",
+                                      "--resume")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "structure.h_channels" in done.stderr and "Traceback" not in done.stderr
+
+
+# ----------------------------------------------------------------------------- rollout step API
+
+def test_step_api_matches_teacher_forcing():
+    """Deterministic variants: the first free-running frame equals the teacher-forced prediction of the same
+    frame (same context), for both skip modes; the step API and forward() compute the same model."""
+    for variant in ("lstm", "cnn"):
+        for skip in ("previous", "last_context"):
+            torch.manual_seed(0)
+            model = build_model(tiny_cfg(f"structure.variant={variant}", f"structure.skip={skip}")).eval()
+            clip = random_labels(2, 5, 32, 32, seed=1)
+            with torch.no_grad():
+                teacher = model(clip, n_past=4)["out"][:, 3].argmax(1)
+            first = model.generate(clip[:, :4], 1)[:, 0, 0]
+            assert torch.equal(first, teacher.to(torch.uint8))
+
+
+def test_samples_are_batched_and_skip_mode_freezes_skips():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg()).eval()
+    context = random_labels(2, 3, 32, 32)
+    out = model.generate(context, 5, samples=3, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 5, 32, 32)
+    assert not torch.equal(out[:, 0], out[:, 1])  # samples differ (z from the prior)
+    frozen = build_model(tiny_cfg("structure.skip=last_context")).eval()
+    frozen.load_state_dict(model.state_dict())
+    state = frozen.init_state(2, 3)
+    for t in range(3):
+        frozen.observe(state, context[:, t])
+    skips = [s.clone() for s in state.skips]
+    for _ in range(3):
+        frozen.step(state)
+    assert all(torch.equal(a, b) for a, b in zip(skips, state.skips))
+    with pytest.raises(RuntimeError, match="observe"):
+        model.step(model.init_state(1))
+
+
+def rss_peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def live_tensors() -> int:
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance on torch's deprecated module proxies warns
+        warnings.simplefilter("ignore")
+        return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
+
+
+def test_long_rollout_constant_memory_and_deterministic():
+    """2000 steps: the state's buffers are the same tensors at the same addresses throughout (updated in
+    place), the number of live tensors does not grow, the peak RSS grows by < 20 MB between step 200 and
+    step 2000, and the same generator seed gives the same 2000 frames (a different seed does not)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg()).for_rollout()
+    context = random_labels(1, 3, 32, 32)
+
+    def rollout(seed, steps, watch=False):
+        generator = torch.Generator().manual_seed(seed)
+        state = model.init_state(1, 2)
+        for t in range(3):
+            model.observe(state, context[:, t], generator)
+        addresses = [t.data_ptr() for t in state.tensors()]
+        digest, counts = hashlib.sha256(), {}
+        for step in range(steps):
+            frame = model.step(state, generator)
+            digest.update(frame.numpy().tobytes())
+            if watch and step in (199, 1999):
+                counts[step] = (live_tensors(), rss_peak_mb())
+        assert [t.data_ptr() for t in state.tensors()] == addresses
+        return digest.hexdigest(), counts
+
+    first, counts = rollout(0, 2000, watch=True)
+    assert counts[1999][0] <= counts[199][0], counts
+    assert counts[1999][1] - counts[199][1] < 20, counts
+    assert rollout(0, 2000)[0] == first
+    assert rollout(0, 300)[0] != rollout(1, 300)[0]
+
+
+def test_stream_yields_chunks_with_constant_shape():
+    model = build_model(tiny_cfg()).eval()
+    chunks = list(model.stream(random_labels(2, 3, 32, 32), 10, samples=2, chunk=4))
+    assert [c.shape[2] for c in chunks] == [4, 4, 2] and all(c.shape[:2] == (2, 2) for c in chunks)
+
+
+def test_triton_interpreter_kernels_match_torch_path():
+    """With TRITON_INTERPRET=1 (tests/conftest.py) the fused kernels run on CPU: the step API gives the same
+    frames through them as through the torch references."""
+    if not (kernels.HAS_TRITON and kernels._dispatch.INTERPRET):
+        pytest.fail("this test needs triton with TRITON_INTERPRET=1 set before import (tests/conftest.py does it)")
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("structure.variant=lstm", size=(16, 16))).eval()
+    context = random_labels(1, 3, 16, 16)
+    reference = model.generate(context, 3)
+    with kernels.using_backend("triton"):
+        fused = model.generate(context, 3)
+    assert torch.equal(reference, fused)
+
+
+def test_generate_rejects_wrong_batch():
+    model = build_model(tiny_cfg()).eval()
+    state = model.init_state(2, 3)
+    with pytest.raises(ValueError, match="batch"):
+        model.observe(state, random_labels(4, 32, 32))
