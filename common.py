@@ -671,9 +671,10 @@ def fail(message: str, code: int = 2):
 def main_guard(fn):
     """Run a script's main(): the errors users cause (config, data, checkpoint) print one line."""
     from data.layout import DatasetError
+    from data.rollout_io import RolloutError
     try:
         return fn()
-    except (ConfigError, CheckpointError, DatasetError, NonFiniteLoss) as e:
+    except (ConfigError, CheckpointError, DatasetError, RolloutError, NonFiniteLoss) as e:
         fail(str(e))
     finally:
         cleanup_distributed()

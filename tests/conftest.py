@@ -13,6 +13,13 @@ if not os.environ.get("CUDA_VISIBLE_DEVICES") and "TRITON_INTERPRET" not in os.e
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# Test models are tiny: one thread each avoids OpenMP oversubscription, which slows a contended 2-core
+# machine (or two DDP test processes) by an order of magnitude. Subprocesses inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 import pytest  # noqa: E402
 
 

@@ -1,0 +1,336 @@
+"""Long-term rollout: context clips -> thousands of future label maps -> (boundaries) -> RGB, streamed to disk.
+
+    python rollout.py --frames 2500                                  # the default config's trained models
+    python rollout.py --cfg kitti64.yaml --frames 2500 --samples 4 --clips 8
+    torchrun --nproc 8 rollout.py --cfg kitti64.yaml --frames 2500   # clips split over GPUs
+
+Loads the structure (+ boundary) + image generator checkpoints of the run (or the ones named by
+rollout.*_ckpt), takes `clips` context clips from a split, draws `samples` futures per clip as one
+batch, and steps all of them together: structure.step -> predict_boundaries -> image.step. Frames
+are buffered on the device for `chunk` steps, then written as uint8 chunks (data/rollout_io.py), so
+memory is flat in --frames. After each chunk the recurrent state and the noise generator are saved,
+so an interrupted rollout (Ctrl-C, SIGTERM, a crash) resumes from its last complete chunk and gives
+exactly the frames the uninterrupted run would have. The hot loop is inference-only, shape-static
+and free of host synchronisation; on CUDA one step is captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import common
+import kernels
+from data import ensure_dataset, list_sequences, load_sequence_modalities
+from data.layout import DatasetError
+from data.rollout_io import RolloutWriter, read_rollout
+
+ALIASES = {"frames": "rollout.frames", "samples": "rollout.samples", "clips": "rollout.clips",
+           "split": "rollout.split", "out": "rollout.out", "chunk": "rollout.chunk"}
+
+
+# ----------------------------------------------------------------------------- loading the generators
+
+def checkpoint_path(cfg, key: str, component: str) -> Path:
+    named = cfg.rollout[key]
+    return Path(named) if named else Path(cfg.run.dir) / component / "last.pt"
+
+
+def load_component(script: str, path: Path, module_name: str, cfg, device):
+    """A generator rebuilt from the config saved in its checkpoint (so the architecture always fits),
+    refused when its classes or frame size differ from this run's data."""
+    import importlib
+    payload = common.read_checkpoint(path)
+    common.check_compatible(payload, cfg, ["data.num_classes", "data.size"], path)
+    saved = common.Config.from_dict(payload["config"])
+    module = importlib.import_module(script)
+    model = module.build_model(saved)
+    if module_name not in payload["modules"]:
+        raise common.CheckpointError(f"{path} holds {sorted(payload['modules'])}, not a {module_name!r} ({script})")
+    model.load_state_dict(payload["modules"][module_name])
+    return model.to(device).eval(), saved, module
+
+
+class Pipeline:
+    """The three generators behind one step with fixed buffers: call init() with the context, then step()."""
+
+    def __init__(self, cfg, device):
+        self.device = device
+        self.structure, self.structure_cfg, _ = load_component(
+            "train_structure", checkpoint_path(cfg, "structure_ckpt", "structure"), "structure", cfg, device)
+        self.structure.for_rollout(channels_last=cfg.rollout.channels_last)
+        self.variant = self.structure_cfg.structure.variant
+        self.edge = self.image = None
+        image_path = cfg.rollout.image_ckpt
+        if self.variant != "rgb" and image_path != "none":
+            self.image, self.image_cfg, self.image_module = load_component(
+                "train_image", checkpoint_path(cfg, "image_ckpt", "image"), "generator", cfg, device)
+            self.tau = self.image_cfg.image.tau
+            if self.image.use_edges:
+                self.edge, _, self.edge_module = load_component(
+                    "train_edge", checkpoint_path(cfg, "edge_ckpt", "edge"), "generator", cfg, device)
+        self.modalities = ["rgb"] if self.variant == "rgb" else ["label"] + (["rgb"] if self.image else [])
+
+    def init(self, context_labels: torch.Tensor, context_rgb: torch.Tensor, samples: int, generator):
+        """context_labels (B, n_past, H, W) uint8, context_rgb (B, n_past, 3, H, W) uint8."""
+        rows_rgb = context_rgb.float() / 127.5 - 1
+        self.sstate = self.structure.init_state(context_labels.shape[0], samples, self.device)
+        frames = rows_rgb if self.variant == "rgb" else context_labels
+        for t in range(frames.shape[1]):
+            self.structure.observe(self.sstate, frames[:, t], generator)
+        self.istate = None
+        if self.image is not None:
+            labels = context_labels[:, -self.tau:].repeat_interleave(samples, 0)
+            rgb = rows_rgb[:, -self.tau:].repeat_interleave(samples, 0)
+            edges = self._edges(labels) if self.edge is not None else None
+            self.istate = self.image.init_state(rgb, labels, edges)
+
+    def _edges(self, labels):
+        return self.edge_module.predict_boundaries(self.edge, labels)
+
+    @torch.inference_mode()
+    def step(self, generator) -> dict:
+        """One future frame for every row: uint8 label (R, H, W) and/or RGB (R, H, W, 3)."""
+        out = {}
+        frame = self.structure.step(self.sstate, generator)
+        if self.variant == "rgb":
+            out["rgb"] = frame.permute(0, 2, 3, 1)
+            return out
+        out["label"] = frame
+        if self.image is not None:
+            edges = self._edges(frame) if self.edge is not None else None
+            rgb, new_state = self.image.step(self.istate, frame, edges)
+            for key, value in new_state.items():  # in place: the state stays one set of buffers
+                self.istate[key].copy_(value)
+            out["rgb"] = ((rgb.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+        return out
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        return _tensors_of(self.sstate) + _tensors_of(self.istate)
+
+
+def _tensors_of(obj, seen=None) -> list[torch.Tensor]:
+    """Every tensor reachable from a state object, in a fixed order (for snapshots and resume)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if obj is None or id(obj) in seen or isinstance(obj, (int, float, str, bool)):
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, dict):
+        return [t for k in sorted(obj, key=str) for t in _tensors_of(obj[k], seen)]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensors_of(item, seen)]
+    if hasattr(obj, "__dict__"):
+        return _tensors_of(vars(obj), seen)
+    return []
+
+
+# ----------------------------------------------------------------------------- context clips
+
+def pick_clips(cfg, meta, n_past: int) -> list[dict]:
+    """`clips` context windows spread over the split's sequences (round-robin, then later starts)."""
+    sequences = list_sequences(cfg.data.root, cfg.rollout.split)
+    clips = []
+    for i in range(cfg.rollout.clips):
+        seq_dir = sequences[i % len(sequences)]
+        arrays = load_sequence_modalities(seq_dir, ("label", "rgb"), meta)
+        length = arrays["label"].shape[0]
+        if length < n_past:
+            raise DatasetError(f"{seq_dir}: {length} frames, fewer than rollout.n_past={n_past}")
+        rounds = math.ceil(cfg.rollout.clips / len(sequences))
+        start = (i // len(sequences)) * (length - n_past) // max(rounds, 1)
+        clips.append({"sequence": seq_dir.name, "start": int(start), "arrays": arrays})
+    return clips
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class StepRunner:
+    """Runs Pipeline.step eagerly, or replays it from a CUDA graph captured once per group."""
+
+    def __init__(self, pipeline: Pipeline, generator, use_graph: bool, precision: str):
+        self.pipeline, self.generator, self.precision = pipeline, generator, precision
+        self.graph, self.static_out = None, None
+        if use_graph:
+            self._capture()
+
+    def _eager(self):
+        with common.autocast(self.pipeline.device, self.precision):
+            return self.pipeline.step(self.generator)
+
+    def _capture(self):
+        # Warm-up runs advance the state and the generator, so both are restored before capture.
+        state = self.pipeline.state_tensors()
+        snapshot = [t.clone() for t in state]
+        rng = self.generator.get_state()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._eager()
+        torch.cuda.current_stream().wait_stream(stream)
+        for t, saved in zip(state, snapshot):
+            t.copy_(saved)
+        self.generator.set_state(rng)
+        self.graph = torch.cuda.CUDAGraph()
+        self.graph.register_generator_state(self.generator)
+        with torch.cuda.graph(self.graph):
+            self.static_out = self._eager()
+        for t, saved in zip(state, snapshot):  # capture records kernels; keep the state exact anyway
+            t.copy_(saved)
+        self.generator.set_state(rng)
+
+    def __call__(self) -> dict:
+        if self.graph is None:
+            return self._eager()
+        self.graph.replay()
+        return self.static_out
+
+
+@torch.inference_mode()
+def run_group(cfg, pipeline: Pipeline, writer: RolloutWriter, clip_ids: list, clips: list, state_dir: Path,
+              progress: tqdm, stop: common.StopSignal) -> bool:
+    """Roll out one batch of clips to the end (or until a stop signal); returns True when complete."""
+    r, device = cfg.rollout, pipeline.device
+    frames, samples, chunk = r.frames, r.samples, r.chunk
+    state_path = state_dir / f"group_{clip_ids[0]:04d}.pt"
+    generator = torch.Generator(device).manual_seed(cfg.run.seed * 1_000_003 + clip_ids[0])
+    context_labels = torch.stack([torch.from_numpy(np.array(clips[c]["arrays"]["label"][
+        clips[c]["start"]:clips[c]["start"] + r.n_past])) for c in clip_ids]).to(device)
+    context_rgb = torch.stack([torch.from_numpy(np.array(clips[c]["arrays"]["rgb"][
+        clips[c]["start"]:clips[c]["start"] + r.n_past])).permute(0, 3, 1, 2) for c in clip_ids]).to(device)
+    pipeline.init(context_labels, context_rgb, samples, generator)
+    start = 0
+    saved = torch.load(state_path, map_location="cpu", weights_only=True) if state_path.is_file() else None
+    # The state is saved after its chunk is on disk; if chunks were lost since, recompute from frame 0.
+    if saved is not None and 0 < saved["frame"] <= writer.frames_done(clip_ids):
+        start = int(saved["frame"])
+        for t, value in zip(pipeline.state_tensors(), saved["tensors"]):
+            t.copy_(value)
+        generator.set_state(saved["generator"])
+        progress.update(start * len(clip_ids) * samples)
+    if start >= frames:
+        return True
+    runner = StepRunner(pipeline, generator, device.type == "cuda" and r.cuda_graph, cfg.run.precision)
+    rows = len(clip_ids) * samples
+    height, width = cfg.data.size
+    buffers = {"label": torch.empty(rows, chunk, height, width, dtype=torch.uint8, device=device),
+               "rgb": torch.empty(rows, chunk, height, width, 3, dtype=torch.uint8, device=device)}
+    for chunk_start in range(start, frames, chunk):
+        length = min(chunk, frames - chunk_start)
+        for i in range(length):
+            for modality, frame in runner().items():
+                buffers[modality][:, i].copy_(frame)
+        # one device->host transfer per chunk; the steps above never wait on the host
+        arrays = {m: buffers[m][:, :length].cpu().numpy().reshape(len(clip_ids), samples, length, *buffers[m].shape[2:])
+                  for m in writer.modalities}
+        writer.write_chunk(chunk_start, clips=clip_ids, **arrays)
+        common.atomic_write_bytes(state_path, _serialise({
+            "frame": chunk_start + length, "tensors": [t.cpu() for t in pipeline.state_tensors()],
+            "generator": generator.get_state()}))
+        progress.update(rows * length)
+        if stop.requested:
+            return chunk_start + length >= frames
+    return True
+
+
+def _serialise(obj) -> bytes:
+    import io
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def write_videos(cfg, out_dir: Path, clip_ids: list, meta: dict) -> None:
+    """Per sample: colourised labels, RGB and a side-by-side grid (context frames first), streamed."""
+    reader = read_rollout(out_dir)
+    fps, scale, ext = meta["fps"], cfg.rollout.video_scale, cfg.rollout.video_format
+    palette = meta["palette"]
+    for c in clip_ids:
+        context = {m: reader.context(c, m) for m in reader.modalities}
+        for s in range(reader.num_samples):
+            folder = out_dir / f"clip_{c:04d}" / f"sample_{s:03d}"
+
+            def frames_of(modality):
+                yield from context[modality]
+                for begin in range(0, reader.num_frames, reader.chunk):
+                    yield from reader.frames(c, s, modality, begin, min(begin + reader.chunk, reader.num_frames))
+
+            def as_rgb(modality, frame):
+                return common.colorize(frame, palette) if modality == "label" else frame
+
+            for modality in reader.modalities:
+                common.write_video_stream(folder / f"{modality}.{ext}",
+                                          (as_rgb(modality, f) for f in frames_of(modality)), fps, scale)
+            if len(reader.modalities) > 1:
+                streams = [frames_of(m) for m in reader.modalities]
+                grid = (common.tile([as_rgb(m, f)[None] for m, f in zip(reader.modalities, row)])[0]
+                        for row in zip(*streams))
+                common.write_video_stream(folder / f"grid.{ext}", grid, fps, scale)
+
+
+def main(argv=None) -> Path:
+    cfg, _ = common.parse_args(argv, aliases=ALIASES, description=__doc__)
+    dist = common.setup_distributed(cfg.run.device)
+    kernels.set_backend(cfg.run.kernel_backend)
+    common.seed_everything(cfg.run.seed)
+    r = cfg.rollout
+    for key in ("frames", "samples", "clips", "chunk", "batch"):
+        if r[key] < 1:
+            raise common.ConfigError(f"rollout.{key} must be >= 1, got {r[key]}")
+    meta = ensure_dataset(cfg)
+    pipeline = Pipeline(cfg, dist.device)
+    if pipeline.image is not None and r.n_past < pipeline.tau:
+        raise common.ConfigError(f"rollout.n_past={r.n_past} is shorter than the image generator's tau={pipeline.tau}")
+    clips = pick_clips(cfg, meta, r.n_past)
+    out_dir = Path(r.out or Path(cfg.run.dir) / "rollout")
+    writer_args = dict(dataset_root=cfg.data.root, split=r.split, n_past=r.n_past, frames=r.frames,
+                       samples=r.samples, clips=[{"sequence": c["sequence"], "start": c["start"]} for c in clips],
+                       size=cfg.data.size, num_classes=cfg.data.num_classes, chunk=r.chunk, seed=cfg.run.seed,
+                       modalities=pipeline.modalities,
+                       extra={"structure_variant": pipeline.variant, "edge": pipeline.edge is not None})
+    if dist.is_main:
+        RolloutWriter(out_dir, **writer_args)  # creates the folder and protocol once
+        common.save_config(cfg, out_dir / "config.yaml")
+    common.barrier()
+    writer = RolloutWriter(out_dir, **writer_args)
+    per_group = max(1, r.batch // r.samples)
+    groups = [list(range(i, min(i + per_group, len(clips)))) for i in range(0, len(clips), per_group)]
+    my_groups = groups[dist.rank::dist.world_size]
+    for clip_ids in my_groups:
+        for c in clip_ids:
+            arrays, begin = clips[c]["arrays"], clips[c]["start"]
+            writer.write_context(c, **{m: np.array(arrays[m][begin:begin + r.n_past]) for m in ("label", "rgb")})
+            truth_end = min(begin + r.n_past + r.truth_frames, arrays["label"].shape[0])
+            if truth_end > begin + r.n_past:
+                writer.write_truth(c, **{m: np.array(arrays[m][begin + r.n_past:truth_end]) for m in ("label", "rgb")})
+    total = sum(len(g) for g in my_groups) * r.samples * r.frames
+    started = time.perf_counter()
+    complete = True
+    with common.StopSignal() as stop, tqdm(total=total, unit="frame", unit_scale=True, disable=not dist.is_main,
+                                           desc="rollout", smoothing=0.1) as progress:
+        for clip_ids in my_groups:
+            complete &= run_group(cfg, pipeline, writer, clip_ids, clips, out_dir / ".state", progress, stop)
+            if stop.requested:
+                break
+    seconds = time.perf_counter() - started
+    if not complete:
+        common.log(f"stopped; resume with the same command to continue from frame {writer.frames_done()}")
+        return out_dir
+    common.log(f"rolled out {total} frame-steps in {seconds:.1f}s ({total / max(seconds, 1e-9):.0f} frames/s)")
+    if r.videos:
+        write_videos(cfg, out_dir, [c for g in my_groups for c in g], meta)
+    common.barrier()
+    if dist.is_main:
+        writer.finish()
+        common.log(f"rollout complete: {out_dir}")
+    return out_dir
+
+
+if __name__ == "__main__":
+    common.main_guard(main)

@@ -1,0 +1,120 @@
+"""rollout.py end to end with tiny untrained generators: long horizons, flat memory, determinism, resume."""
+import resource
+
+import numpy as np
+import pytest
+
+import common
+import rollout
+from data.rollout_io import read_rollout
+
+TINY = ["data.size=[32, 32]", "structure.width_mult=0.0625", "structure.lstm_mult=0.0625", "structure.h_channels=8",
+        "structure.z_channels=4", "image.ngf=4", "image.n_downsample=1", "image.n_blocks=2", "image.tau=2",
+        "image.num_d=1", "image.ndf=4"]
+
+
+@pytest.fixture(scope="module")
+def tiny_drive(tmp_path_factory):
+    """Random 19-class label/RGB sequences at 32x32: the rollout does not care what they show."""
+    from tests.conftest import write_random_dataset
+    return write_random_dataset(tmp_path_factory.mktemp("rollout") / "data", sequences=2, frames=12, size=(32, 32),
+                                num_classes=19, modalities=("label", "rgb"))
+
+
+def _save_generators(root, run_dir, extra=()):
+    import train_image
+    import train_structure
+    cfg = common.load_config(None, [f"data.root={root}", f"run.dir={run_dir}", *TINY, *extra])
+    for name, script, module in (("structure", train_structure, "structure"), ("image", train_image, "generator")):
+        model = script.build_model(cfg)
+        common.save_checkpoint(run_dir / name / "last.pt", step=1, cfg=cfg, modules={module: model})
+    return cfg
+
+
+def _argv(root, run_dir, *extra):
+    return [f"--data.root={root}", f"--run.dir={run_dir}", *[f"--{o}" for o in TINY], "--rollout.clips=2",
+            "--rollout.samples=2", "--rollout.chunk=250", "--rollout.videos=false", "--run.kernel_backend=torch",
+            *extra]
+
+
+def _frames(out_dir, modality):
+    reader = read_rollout(out_dir)
+    return np.stack([np.stack([reader.frames(c, s, modality) for s in range(reader.num_samples)])
+                     for c in range(reader.num_clips)])
+
+
+def test_long_rollout_flat_memory_and_deterministic(tiny_drive, tmp_path):
+    _save_generators(tiny_drive, tmp_path / "run")
+    out_a = rollout.main(_argv(tiny_drive, tmp_path / "run", "--frames=500", f"--rollout.out={tmp_path / 'a'}"))
+    peak_after_500 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out_b = rollout.main(_argv(tiny_drive, tmp_path / "run", "--frames=2500", f"--rollout.out={tmp_path / 'b'}"))
+    peak_after_2500 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # five times the horizon may not grow the process's peak memory by more than a few MB
+    assert peak_after_2500 - peak_after_500 < 64 * 1024, (peak_after_500, peak_after_2500)
+    reader = read_rollout(out_b)
+    assert reader.protocol["complete"] and reader.frames_done() == 2500
+    labels_b = _frames(out_b, "label")
+    assert labels_b.shape == (2, 2, 2500, 32, 32) and labels_b.max() < 19
+    assert _frames(out_b, "rgb").shape == (2, 2, 2500, 32, 32, 3)
+    # the same seed gives the same first 500 frames whatever the horizon
+    assert np.array_equal(_frames(out_a, "label"), labels_b[:, :, :500])
+
+
+def test_resume_from_partial_output(tiny_drive, tmp_path):
+    _save_generators(tiny_drive, tmp_path / "run")
+    full = rollout.main(_argv(tiny_drive, tmp_path / "run", "--frames=300", "--rollout.chunk=100",
+                              f"--rollout.out={tmp_path / 'full'}"))
+    partial = tmp_path / "partial"
+    rollout.main(_argv(tiny_drive, tmp_path / "run", "--frames=300", "--rollout.chunk=100", f"--rollout.out={partial}"))
+    # lose the last chunk of one sample and mark the rollout incomplete, as an interruption would
+    (partial / "clip_0001" / "sample_001" / "label" / "000200.npy").unlink()
+    protocol = (partial / "rollout.yaml").read_text().replace("complete: true", "complete: false")
+    (partial / "rollout.yaml").write_text(protocol)
+    state = partial / ".state" / "group_0000.pt"
+    import torch
+    saved = torch.load(state, weights_only=True)
+    assert saved["frame"] == 300
+    rollout.main(_argv(tiny_drive, tmp_path / "run", "--frames=300", "--rollout.chunk=100", f"--rollout.out={partial}"))
+    assert read_rollout(partial).protocol["complete"]
+    for modality in ("label", "rgb"):
+        assert np.array_equal(_frames(full, modality), _frames(partial, modality))
+
+
+def test_resume_mid_rollout_equals_uninterrupted(tiny_drive, tmp_path):
+    """Stop after the first chunk (as SIGTERM would), then rerun: the frames equal an uninterrupted run."""
+    _save_generators(tiny_drive, tmp_path / "run")
+    full = rollout.main(_argv(tiny_drive, tmp_path / "run", "--frames=200", "--rollout.chunk=50",
+                              f"--rollout.out={tmp_path / 'full'}"))
+    stopped = tmp_path / "stopped"
+
+    class StopAfterFirstChunk(common.StopSignal):
+        requested = property(lambda self: True, lambda self, value: None)
+
+    original = common.StopSignal
+    rollout.common.StopSignal = StopAfterFirstChunk
+    try:
+        rollout.main(_argv(tiny_drive, tmp_path / "run", "--frames=200", "--rollout.chunk=50", f"--rollout.out={stopped}"))
+    finally:
+        rollout.common.StopSignal = original
+    assert read_rollout(stopped).frames_done() == 50 and not read_rollout(stopped).protocol["complete"]
+    rollout.main(_argv(tiny_drive, tmp_path / "run", "--frames=200", "--rollout.chunk=50", f"--rollout.out={stopped}"))
+    assert np.array_equal(_frames(full, "label"), _frames(stopped, "label"))
+    assert np.array_equal(_frames(full, "rgb"), _frames(stopped, "rgb"))
+
+
+def test_videos_written(tiny_drive, tmp_path):
+    _save_generators(tiny_drive, tmp_path / "run")
+    out = rollout.main(_argv(tiny_drive, tmp_path / "run", "--frames=20", "--rollout.videos=true",
+                             "--rollout.video_format=gif", f"--rollout.out={tmp_path / 'v'}"))
+    import imageio.v3 as iio
+    grid = iio.imread(out / "clip_0000" / "sample_001" / "grid.gif")
+    assert grid.shape[0] == 5 + 20  # context frames, then the predicted ones
+    assert (out / "clip_0001" / "sample_000" / "label.gif").is_file()
+
+
+def test_missing_and_mismatched_checkpoints_are_refused(tiny_drive, tmp_path):
+    with pytest.raises(common.CheckpointError, match=r"structure/last\.pt does not exist"):
+        rollout.main(_argv(tiny_drive, tmp_path / "empty", "--frames=10"))
+    _save_generators(tiny_drive, tmp_path / "run", extra=["data.num_classes=25"])
+    with pytest.raises(common.CheckpointError, match="data.num_classes=25 but the config says data.num_classes=19"):
+        rollout.main(_argv(tiny_drive, tmp_path / "run", "--frames=10"))
