@@ -40,40 +40,43 @@ def checkpoint_path(cfg, key: str, component: str) -> Path:
     return Path(named) if named else Path(cfg.run.dir) / component / "last.pt"
 
 
-def load_component(script: str, path: Path, module_name: str, cfg, device):
+def load_component(script: str, path: Path, module_name: str, cfg, device) -> torch.nn.Module:
     """A generator rebuilt from the config saved in its checkpoint (so the architecture always fits),
     refused when its classes or frame size differ from this run's data."""
     import importlib
     payload = common.read_checkpoint(path)
     common.check_compatible(payload, cfg, ["data.num_classes", "data.size"], path)
-    saved = common.Config.from_dict(payload["config"])
-    module = importlib.import_module(script)
-    model = module.build_model(saved)
+    model = importlib.import_module(script).build_model(common.Config.from_dict(payload["config"]))
     if module_name not in payload["modules"]:
         raise common.CheckpointError(f"{path} holds {sorted(payload['modules'])}, not a {module_name!r} ({script})")
     model.load_state_dict(payload["modules"][module_name])
-    return model.to(device).eval(), saved, module
+    return model.to(device).eval()
 
 
 class Pipeline:
-    """The three generators behind one step with fixed buffers: call init() with the context, then step()."""
+    """The generators behind one step with fixed buffers: call init() with the context, then step()."""
 
-    def __init__(self, cfg, device):
-        self.device = device
-        self.structure, self.structure_cfg, _ = load_component(
-            "train_structure", checkpoint_path(cfg, "structure_ckpt", "structure"), "structure", cfg, device)
-        self.structure.for_rollout(channels_last=cfg.rollout.channels_last)
-        self.variant = self.structure_cfg.structure.variant
-        self.edge = self.image = None
-        image_path = cfg.rollout.image_ckpt
-        if self.variant != "rgb" and image_path != "none":
-            self.image, self.image_cfg, self.image_module = load_component(
-                "train_image", checkpoint_path(cfg, "image_ckpt", "image"), "generator", cfg, device)
-            self.tau = self.image_cfg.image.tau
-            if self.image.use_edges:
-                self.edge, _, self.edge_module = load_component(
-                    "train_edge", checkpoint_path(cfg, "edge_ckpt", "edge"), "generator", cfg, device)
-        self.modalities = ["rgb"] if self.variant == "rgb" else ["label"] + (["rgb"] if self.image else [])
+    def __init__(self, structure, image=None, edge=None, device=torch.device("cpu"), channels_last: bool = True):
+        self.device, self.structure, self.image, self.edge = device, structure, image, edge
+        self.structure.for_rollout(channels_last=channels_last)
+        self.variant = structure.variant
+        self.tau = image.tau if image is not None else 0
+        if image is not None and image.use_edges and edge is None:
+            raise common.ConfigError("the image generator was trained with boundary maps: a boundary generator is needed")
+        self.modalities = ["rgb"] if self.variant == "rgb" else ["label"] + (["rgb"] if image is not None else [])
+
+    @classmethod
+    def from_checkpoints(cls, cfg, device) -> "Pipeline":
+        structure = load_component("train_structure", checkpoint_path(cfg, "structure_ckpt", "structure"),
+                                         "structure", cfg, device)
+        image = edge = None
+        if structure.variant != "rgb" and cfg.rollout.image_ckpt != "none":
+            image = load_component("train_image", checkpoint_path(cfg, "image_ckpt", "image"), "generator",
+                                         cfg, device)
+            if image.use_edges:
+                edge = load_component("train_edge", checkpoint_path(cfg, "edge_ckpt", "edge"), "generator",
+                                            cfg, device)
+        return cls(structure, image, edge, device, cfg.rollout.channels_last)
 
     def init(self, context_labels: torch.Tensor, context_rgb: torch.Tensor, samples: int, generator):
         """context_labels (B, n_past, H, W) uint8, context_rgb (B, n_past, 3, H, W) uint8."""
@@ -90,7 +93,8 @@ class Pipeline:
             self.istate = self.image.init_state(rgb, labels, edges)
 
     def _edges(self, labels):
-        return self.edge_module.predict_boundaries(self.edge, labels)
+        import train_edge
+        return train_edge.predict_boundaries(self.edge, labels)
 
     @torch.inference_mode()
     def step(self, generator) -> dict:
@@ -284,7 +288,7 @@ def main(argv=None) -> Path:
         if r[key] < 1:
             raise common.ConfigError(f"rollout.{key} must be >= 1, got {r[key]}")
     meta = ensure_dataset(cfg)
-    pipeline = Pipeline(cfg, dist.device)
+    pipeline = Pipeline.from_checkpoints(cfg, dist.device)
     if pipeline.image is not None and r.n_past < pipeline.tau:
         raise common.ConfigError(f"rollout.n_past={r.n_past} is shorter than the image generator's tau={pipeline.tau}")
     clips = pick_clips(cfg, meta, r.n_past)
