@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from data.synth_drive import fade, noise2, periodic_box
+from data.synth_drive import fade, noise2
 
 CLASSES = ("background", "torso back", "torso front", "right hand", "left hand", "left foot", "right foot",
            "upper leg right back", "upper leg left back", "upper leg right front", "upper leg left front",
@@ -93,7 +93,7 @@ class Move:
         if style != "spin" and rng.random() < (0.6 if back_now else 0.15):
             yaw_target += math.pi * rng.choice([-1, 1])
         b["yaw"] = yaw_target + rng.uniform(-0.45, 0.45)
-        b["x"] = float(np.clip(prev_x + rng.uniform(-0.25, 0.25), -0.32, 0.32))
+        b["x"] = float(np.clip(prev_x + rng.uniform(-0.2, 0.2), -0.25, 0.25))
         b["lean"] = rng.uniform(-0.05, 0.12)
         if style == "wave":
             for k, s in enumerate("lr"):
@@ -290,7 +290,7 @@ class DanceRenderer:
         self.sleeves = rng.choice(["none", "short", "long"], p=[0.2, 0.45, 0.35])
         self.shorts = rng.random() < 0.3
         self.stripes = rng.random() < 0.4
-        self.stripe_period = rng.uniform(0.06, 0.1)
+        self.stripe_period = rng.uniform(0.07, 0.12)
         self.wall = rng.uniform([120, 110, 100], [235, 225, 215]).astype(np.float32)
         self.floor_col = rng.uniform([70, 55, 40], [180, 160, 140]).astype(np.float32)
         self.tex_off = rng.uniform(0, 200, 4)
@@ -507,8 +507,9 @@ class DanceRenderer:
         lx, ly = local[0][m], local[1][m]
         if p.kind == "torso":
             col = np.tile(self.shirt, (n, 1))
-            if self.stripes:     # box-filtered so that they do not alias at 64x64
-                stripe = periodic_box(ly, self.stripe_period, 0.0, 0.4 * self.stripe_period, 1.0 / self.scale)[:, None]
+            if self.stripes:     # soft (sinusoidal) stripes: they move with the torso without aliasing
+                stripe = (0.5 + 0.5 * np.sin(2 * np.pi * ly / self.stripe_period))[:, None]
+                stripe = stripe * float(fade(1.0 / self.scale, 1.0 / self.stripe_period))
                 col = col * (1 - 0.35 * stripe) + 255 * 0.35 * (self.shirt.mean() < 128) * stripe
             col[ly < 0.045] = self.trousers
             if self.sleeves == "none":
