@@ -1,0 +1,188 @@
+"""Rollout throughput of the paper's 64x64 KITTI generators (SPEC section 9).
+
+    python bench/bench_rollout.py                       # batches 1, 10, 100; every variant this device has
+    python bench/bench_rollout.py --batches 1 10 --steps 20 --cfg kitti64.yaml
+
+For the structure step and the image step separately, at each batch size, for
+{eager torch, fused kernels, fused + CUDA graph} x {fp32, bf16}: frame-steps per second (batch x
+steps / time), peak memory, the FLOPs of one step per frame (torch.utils.flop_counter), and the
+achieved fraction of this device's matrix-multiply rate measured in the same run. Fused kernels
+need a CUDA device (on CPU Triton only runs in the interpreter, which is a test path, not a speed
+path); CUDA graphs need CUDA; bf16 runs where autocast supports it. Weights are random: the cost
+of a step does not depend on them. Prints a table and appends rows to bench/rollout.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+import kernels  # noqa: E402
+import train_image  # noqa: E402
+import train_structure  # noqa: E402
+from rollout import StepRunner  # noqa: E402
+
+CSV = Path(__file__).with_name("rollout.csv")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(device, dtype, size=2048, reps=5) -> float:
+    """Measured dense matmul FLOP/s: the ceiling the steps are compared with."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times)
+
+
+class StructureStep:
+    """structure.step on a fixed batch, after a short context."""
+
+    def __init__(self, model, batch, device, generator):
+        self.model, self.generator, self.device = model, generator, device
+        self.state = model.init_state(batch, 1, device)
+        height, width = model.size
+        context = torch.randint(0, model.num_classes, (batch, height, width), dtype=torch.uint8, device=device)
+        for _ in range(2):
+            model.observe(self.state, context, generator)
+
+    def step(self, generator):
+        return {"label": self.model.step(self.state, generator)}
+
+    def state_tensors(self):
+        from rollout import _tensors_of
+        return _tensors_of(self.state)
+
+
+class ImageStep:
+    """image.step on a fixed batch; its ring buffers are updated in place like the rollout does."""
+
+    def __init__(self, model, batch, device, num_classes, size):
+        self.model, self.device = model, device
+        height, width = size
+        self.labels = torch.randint(0, num_classes, (batch, height, width), dtype=torch.uint8, device=device)
+        self.state = model.init_state(torch.zeros(batch, model.tau, 3, height, width, device=device),
+                                      self.labels[:, None].expand(-1, model.tau, -1, -1))
+
+    @torch.inference_mode()
+    def step(self, generator):
+        rgb, new_state = self.model.step(self.state, self.labels)
+        for key, value in new_state.items():
+            self.state[key].copy_(value)
+        return {"rgb": rgb}
+
+    def state_tensors(self):
+        return list(self.state.values())
+
+
+def flops_per_frame(stepper, batch, generator) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        stepper.step(generator)
+    return counter.get_total_flops() / batch
+
+
+def measure(stepper, device, precision, use_graph, steps, generator) -> tuple[float, float]:
+    """Median seconds per step over `steps` timed steps after warm-up, and peak memory in MiB."""
+    stepper.device = device
+    runner = StepRunner(stepper, generator, use_graph, precision)
+    for _ in range(3):
+        runner()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        runner()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:  # the process's peak resident set: an upper bound that includes Python and the weights
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return statistics.median(times), peak
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cfg", default="kitti64.yaml")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 10, 100])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    cfg = common.load_config(args.cfg)
+    device = common.pick_device(args.device)
+    on_cuda = device.type == "cuda"
+    triton_ok = on_cuda and torch.cuda.get_device_capability(device) >= (8, 0)
+    modes = [("eager", "torch", False)] + ([("fused", "triton", False), ("fused+graph", "triton", True)] if triton_ok else [])
+    precisions = ["fp32", "bf16"]
+    structure = train_structure.build_model(cfg).to(device).for_rollout(channels_last=on_cuda)
+    image = train_image.build_model(cfg).to(device).eval()
+    if not on_cuda:
+        print("CPU: fused Triton kernels and CUDA graphs need a CUDA device; measuring the eager torch path.")
+    device_name = torch.cuda.get_device_name(device) if on_cuda else f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    rates = {p: matmul_rate(device, torch.float32 if p == "fp32" else torch.bfloat16) for p in precisions}
+    rows = []
+    for component in ("structure", "image"):
+        for batch in args.batches:
+            generator = torch.Generator(device).manual_seed(0)
+            with torch.inference_mode():
+                stepper = (StructureStep(structure, batch, device, generator) if component == "structure"
+                           else ImageStep(image, batch, device, cfg.data.num_classes, cfg.data.size))
+                flops = flops_per_frame(stepper, batch, generator)
+            for mode, backend, use_graph in modes:
+                kernels.set_backend(backend)
+                for precision in precisions:
+                    with torch.inference_mode():
+                        seconds, peak = measure(stepper, device, precision, use_graph, args.steps, generator)
+                    achieved = flops * batch / seconds
+                    rows.append({"device": device_name, "torch": torch.__version__, "triton": triton_version,
+                                 "commit": common.git_commit(), "config": args.cfg, "component": component,
+                                 "batch": batch, "mode": mode, "precision": precision,
+                                 "ms_per_step": round(seconds * 1e3, 3), "frames_per_s": round(batch / seconds, 1),
+                                 "peak_mib": round(peak, 1), "gflop_per_frame": round(flops / 1e9, 3),
+                                 "achieved_tflops": round(achieved / 1e12, 4),
+                                 "matmul_tflops": round(rates[precision] / 1e12, 3),
+                                 "fraction_of_matmul": round(achieved / rates[precision], 4)})
+                    r = rows[-1]
+                    print(f"{component:9s} b={batch:<4d} {mode:12s} {precision:5s} {r['ms_per_step']:9.2f} ms/step "
+                          f"{r['frames_per_s']:9.1f} frames/s  peak {r['peak_mib']:8.1f} MiB  "
+                          f"{r['gflop_per_frame']:.2f} GFLOP/frame  {100 * r['fraction_of_matmul']:.1f}% of matmul",
+                          flush=True)
+    kernels.set_backend("auto")
+    new_file = not CSV.exists()
+    with open(CSV, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new_file:
+            writer.writeheader()
+        writer.writerows(rows)
+    print(f"appended {len(rows)} rows to {CSV}")
+
+
+if __name__ == "__main__":
+    main()
