@@ -123,19 +123,23 @@ class Face:
 
 class Thing:
     """An object: faces plus a position, static (floats) or per frame (arrays, with `alive`)."""
-    __slots__ = ("faces", "s", "d", "alive", "s_lo", "s_hi", "height")
+    __slots__ = ("faces", "s", "d", "alive", "s_lo", "s_hi", "d_lo", "d_hi", "height")
 
     def __init__(self, faces, s, d, alive=None):
         self.faces, self.s, self.d, self.alive = faces, s, d, alive
-        lo, hi, height = [], [], 0.0
+        lo, hi, lat, height = [], [], [], 0.0
         for face in faces:
             if face.kind == "front":
-                lo.append(face.fixed), hi.append(face.fixed)
+                lo.append(face.fixed), hi.append(face.fixed), lat.extend((face.a0, face.a1))
+                height = max(height, face.b1)
+            elif face.kind == "side":
+                lo.append(face.a0), hi.append(face.a1), lat.append(face.fixed)
                 height = max(height, face.b1)
             else:
-                lo.append(face.a0), hi.append(face.a1)
-                height = max(height, face.b1 if face.kind == "side" else face.fixed)
+                lo.append(face.a0), hi.append(face.a1), lat.extend((face.b0, face.b1))
+                height = max(height, face.fixed)
         self.s_lo, self.s_hi, self.height = min(lo), max(hi), height
+        self.d_lo, self.d_hi = min(lat), max(lat)
 
 
 class View:
@@ -476,8 +480,8 @@ def make_cyclist(rng, inst_rider, inst_bike, motor):
             Face("front", RIDER, inst_rider, 0.3, (-bar, bar), (0, seat + 0.83), rider_paint, mask=rider_mask)]
 
 
-def make_tree(rng, inst, conifer=False):
-    trunk_h = rng.uniform(1.6, 3.0)
+def make_tree(rng, inst, conifer=False, shrub=False):
+    trunk_h = rng.uniform(1.6, 3.0) if not shrub else rng.uniform(0.1, 0.4)
     trunk = flat((85, 65, 45), 0.08, 3.0)
     leaf = _rgb(*((55, 95, 40), (70, 110, 45), (45, 80, 45), (85, 110, 50))[rng.integers(4)])
     off = rng.uniform(0, 200)
@@ -498,8 +502,8 @@ def make_tree(rng, inst, conifer=False):
             return (f >= 0) & (f <= 1) & (np.abs(a) <= r * (1 - f) * (0.85 + 0.15 * np.cos(f * 40 + off)))
         faces.insert(0, Face("front", VEGETATION, inst, -0.05, (-r, r), (base, base + h), crown_paint, mask=cmask))
     else:
-        r = rng.uniform(1.3, 3.2)
-        ry = r * rng.uniform(0.8, 1.2)
+        r = rng.uniform(1.3, 3.2) if not shrub else rng.uniform(0.7, 1.6)
+        ry = r * rng.uniform(0.8, 1.2) * (0.7 if shrub else 1.0)
         cb = trunk_h + ry * 0.85
         ph = rng.uniform(0, 6.28, 3)
 
@@ -780,6 +784,13 @@ class DriveWorld:
                     self._add(make_sign(rng, self.new_id(), self.new_id(), facing_us=side > 0), s, side * (edge + 0.8))
                 s += rng.uniform(30, 60)
             else:
+                if side < 0 and self.min_weight(HIGHWAY, s - 2, s + 2) > 0.97:
+                    # lamp posts on the median barrier, lighting both carriageways
+                    faces = make_pole(self.new_id(), 10.0, 0.25, arm=2.2, lamp=True)
+                    faces += make_pole(faces[0].inst, 10.0, 0.25, arm=-2.2, lamp=True)[1:]
+                    self._add(faces, s, 0.0)
+                    s += rng.uniform(35, 45)
+                    continue
                 if r < 0.6 and side > 0:
                     self._add(make_pole(self.new_id(), rng.uniform(9.0, 11.0), 0.25, arm=-side * 2.0, lamp=True),
                               s, side * (edge + 1.4))
@@ -821,10 +832,13 @@ class DriveWorld:
                     self._add(make_tree(rng, self.new_id(), conifer=rng.random() < 0.3), s, d)
                 s += rng.exponential(9.0) + 2.0
             else:
-                if rng.random() < 0.45:
+                r = rng.random()
+                if r < 0.45:
                     d = side * (edge + rng.uniform(9.0, 22.0))
                     self._add(make_tree(rng, self.new_id(), conifer=rng.random() < 0.5), s, d)
-                s += rng.exponential(14.0) + 3.0
+                elif r < 0.8:     # shrubs on the verge
+                    self._add(make_tree(rng, self.new_id(), shrub=True), s, side * (edge + rng.uniform(2.5, 7.0)))
+                s += rng.exponential(9.0) + 2.0
 
     def _linear(self, rng, side, s_max):
         """Things that run along the road: walls, fences, guard rails, hedges, forest edges."""
@@ -898,11 +912,19 @@ class DriveWorld:
         off = rng.uniform(0, 99)
 
         def top(a):
-            return height * (1 + 0.18 * noise2(a * 0.12 + off, 1.0) + 0.08 * noise2(a * 0.6 + off, 5.0))
-        dark = flat((40, 70, 38), 0.25, 0.9, 0.15, 0.15, off=(off, 0))
-        faces = [Face("side", VEGETATION, inst, 0.0, (0, length), (0, height * 1.3), dark, top=top, normal=-side),
-                 Face("front", VEGETATION, inst, 0.0, (0, side * 30.0), (0, height), shaded(dark, 0.85),
-                      mask=lambda a, b: b <= top(np.zeros_like(a)))]
+            # a canopy: slow height changes plus crown-sized bumps
+            return height * (1 + 0.15 * noise2(a * 0.05 + off, 1.0)) + 1.8 * noise2(a * 0.3 + off, 5.0) \
+                + 0.7 * noise2(a * 1.0 + off, 9.0)
+        canopy = _rgb(*((42, 72, 38), (52, 82, 40), (38, 66, 44))[rng.integers(3)])
+
+        def paint(a, b, ma, mb):
+            m = np.maximum(ma, mb)
+            n = 0.22 * fade(m, 0.9) * noise2(a * 0.9 + off, b * 0.9) + 0.15 * fade(m, 0.25) * noise2(a * 0.25 + off, b * 0.25 + 7)
+            light = 0.7 + 0.45 * np.clip(b / (height + 3), 0, 1)      # darker under the canopy
+            return canopy[None] * (light * (1 + n))[:, None]
+        faces = [Face("side", VEGETATION, inst, 0.0, (0, length), (0, height * 1.3 + 3), paint, top=top, normal=-side),
+                 Face("front", VEGETATION, inst, 0.0, (0, side * 30.0), (0, height * 1.3 + 3), shaded(paint, 0.85),
+                      mask=lambda a, b: b <= top(-a * 0.7))]
         self._add(faces, s, side * (edge + rng.uniform(8.0, 25.0)))
 
     def _median(self, rng, s_max):
@@ -970,7 +992,7 @@ class DriveWorld:
                     d_traj = -(np.interp(s_traj, self.sg, self.hw) - 2.95)
                     alive = np.interp(s_traj, self.sg, self.w[HIGHWAY]) > 0.85
                 self._add_moving(faces, s_traj, d_traj, alive, length)
-                mean_gap = 45.0 * w[HIGHWAY] + 70.0 * w[URBAN] + 140.0 * w[RURAL]
+                mean_gap = 35.0 * w[HIGHWAY] + 60.0 * w[URBAN] + 120.0 * w[RURAL]
                 s0 += length + 12.0 + rng.exponential(mean_gap)
 
         # slower traffic in the outer lane of our carriageway (highway only): overtaken
@@ -980,7 +1002,7 @@ class DriveWorld:
             faces, length = self._vehicle(rng, "truck" if rng.random() < 0.4 else "car", "away")
             alive = np.interp(s_traj, self.sg, self.w[HIGHWAY]) > 0.85
             self._add_moving(faces, s_traj, np.interp(s_traj, self.sg, self.hw) - 2.95, alive, length)
-            s0 += length + 10 + rng.exponential(70.0)
+            s0 += length + 10 + rng.exponential(40.0)
 
         # bicycles and motorcycles along the right edge of our lane (not on highways): overtaken
         s0 = rng.uniform(20, 100)
@@ -1327,6 +1349,15 @@ class DriveRenderer:
                 disp = (so - thing.s[t - 1], do - thing.d[t - 1]) if t > 0 else (0.0, 0.0)
                 yield thing, so, do, disp
 
+    def _off_screen(self, thing, do, z_near, z_far):
+        """A compact object whose lateral extent projects left (or right) of the image at both its
+        nearest and farthest depth is not drawn (a quick reject before its faces)."""
+        z = np.array([z_near, z_far])
+        c = self.view.c(z)
+        x_lo = self.cx + self.f * (do + thing.d_lo + c) / z
+        x_hi = self.cx + self.f * (do + thing.d_hi + c) / z
+        return bool((x_hi < -1).all() or (x_lo > self.W).all())
+
     def render(self, t: int) -> dict:
         world = self.world
         self.view = View(world, t)
@@ -1337,7 +1368,10 @@ class DriveRenderer:
         self.dray = (self.xs[:, None] - self.cx) / self.f * self.zg[None, :] - self.view.c(self.zg)[None, :]
         for thing, so, do, disp in self._things(t):
             z_near = max(so + thing.s_lo - self.view.s, Z_NEAR)
-            if so + thing.s_hi - self.view.s < Z_NEAR or self.f * thing.height / z_near < MIN_PIXELS:
+            z_far = so + thing.s_hi - self.view.s
+            if z_far < Z_NEAR or self.f * thing.height / z_near < MIN_PIXELS:
+                continue
+            if z_far - z_near < 15.0 and self._off_screen(thing, do, z_near, z_far):
                 continue
             for face in thing.faces:
                 if face.kind == "front":
