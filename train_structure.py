@@ -265,6 +265,7 @@ def main(argv=None) -> dict:
             f.write(f"step {step} " + " ".join(f"{k}={v:.5f}" for k, v in metrics.items()) + "\n")
 
     step, started = start_step, time.time()
+    loop_start, time_up = started, False
     model.train()
     bar = tqdm(total=s.iterations, initial=start_step, disable=not dist.is_main, dynamic_ncols=True, desc="structure")
     with common.StopSignal() as stop:
@@ -288,8 +289,11 @@ def main(argv=None) -> dict:
                 for k in ("loss", "nll", "kl"):
                     history[f"train_{k}"].append((step, values[k]))
                 bar.set_postfix(loss=f"{values['loss']:.3f}", nll=f"{values['nll']:.3f}", kl=f"{values['kl']:.2f}")
+            if s.max_minutes > 0 and not stop.requested and time.time() - loop_start > 60 * s.max_minutes:
+                common.log(f"step {step}: structure.max_minutes={s.max_minutes} reached; stopping")
+                stop.requested = time_up = True  # any rank's flag stops all ranks (should_stop reduces it)
             stopping = stop.should_stop()
-            if step % s.eval_every == 0 or step == s.iterations:
+            if step % s.eval_every == 0 or step == s.iterations or (stopping and time_up):
                 evaluate(step)
             if step % s.ckpt_every == 0 or step == s.iterations or stopping:
                 history["seconds"] += time.time() - started

@@ -270,3 +270,10 @@ def test_generate_rejects_wrong_batch():
     state = model.init_state(2, 3)
     with pytest.raises(ValueError, match="batch"):
         model.observe(state, random_labels(4, 32, 32))
+
+
+def test_time_limit_stops_with_checkpoint_and_validation(tiny_drive, tmp_path):
+    result = train_structure.main(tiny_args(tiny_drive, tmp_path, "--structure.iterations=50",
+                                            "--structure.max_minutes=0.0001"))
+    assert result["step"] == 1 and result["history"]["val"][-1][0] == 1
+    assert common.read_checkpoint(tmp_path / "structure" / "last.pt")["step"] == 1
