@@ -1391,6 +1391,9 @@ class DriveRenderer:
         if self.prev is not None:
             flow[0] = buf.src_x - buf.grid_x
             flow[1] = buf.src_y - buf.grid_y
+            # points that were behind the camera at t-1 project far outside; keep them finite in float16
+            limit = 4.0 * max(self.H, self.W)
+            np.clip(flow, -limit, limit, out=flow)
         return {"label": buf.label, "rgb": np.clip(np.rint(rgb), 0, 255).astype(np.uint8),
                 "instance": buf.inst, "flow": flow}
 

@@ -142,6 +142,19 @@ def test_dance_moves_and_turns():
     assert all((labels[t] != labels[t + 1]).any() for t in range(0, 299, 7))
 
 
+def test_drive_instances_are_stable_objects():
+    seq = generate_sequence("drive", 2, 60, 48)
+    ids, labels = seq["instance"], seq["label"]
+    pairs = np.unique(ids.astype(np.int64) * 256 + labels)
+    per_id = np.bincount((pairs // 256).astype(np.int64))
+    assert per_id[1:].max() == 1, "an instance id always belongs to one class"
+    assert (ids[labels == 0] == 0).all(), "road is stuff"
+    things = labels == 13
+    assert (ids[things] > 0).all(), "every car pixel belongs to a car instance"
+    kept = [len(set(np.unique(ids[t])) & set(np.unique(ids[t + 1]))) / len(np.unique(ids[t])) for t in range(59)]
+    assert np.mean(kept) > 0.9, "objects keep their id from frame to frame"
+
+
 def test_parse_size_and_bad_input():
     assert parse_size(64) == (64, 64) and parse_size("128x256") == (128, 256) and parse_size([32, 48]) == (32, 48)
     with pytest.raises(ValueError, match="size"):
