@@ -150,7 +150,9 @@ class ImageGenerator(nn.Module):
             hallucinated = hallucinated + fg_mask * (painted - hallucinated)
         return composite, hallucinated, flow, mask
 
-    def forward(self, label_channels: torch.Tensor, real: torch.Tensor) -> dict:
+    def forward(self, label_channels: torch.Tensor, real: torch.Tensor, keep_previous: torch.Tensor | None = None) -> dict:
+        """keep_previous (B, T - tau) in {0, 1}, training only: 0 hides the previous frames from step t
+        (image.context_dropout), so that the scene has to come from the label maps."""
         tau, steps = self.tau, label_channels.shape[1]
         if steps <= tau or real.shape[1] != steps:
             raise ValueError(f"ImageGenerator.forward: needs T > tau={tau} label and RGB frames, got "
@@ -158,7 +160,8 @@ class ImageGenerator(nn.Module):
         frames = real[:, :tau].float()
         outputs = {"frames": [], "hallucinated": [], "flow": [], "mask": []}
         for t in range(tau, steps):
-            composite, hallucinated, flow, mask = self._step(label_channels[:, t - tau:t + 1], frames)
+            seen = frames if keep_previous is None else frames * keep_previous[:, t - tau].view(-1, 1, 1, 1, 1)
+            composite, hallucinated, flow, mask = self._step(label_channels[:, t - tau:t + 1], seen)
             for key, value in zip(outputs, (composite, hallucinated, flow, mask)):
                 outputs[key].append(value)
             # x_t feeds the next steps as data, not as a path for gradients (vid2vid, SPEC)

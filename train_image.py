@@ -51,6 +51,7 @@ def check_config(cfg) -> None:
         need(ic[key] >= 1, key, "must be >= 1")
     for key in ("n_downsample", "n_blocks", "temporal_scales", "steps", "gan_warmup"):
         need(ic[key] >= 0, key, "must be >= 0")
+    need(0 <= ic.context_dropout < 1, "context_dropout", "must lie in [0, 1)")
     for key in ("lambda_gan", "lambda_feat", "lambda_vgg", "lambda_flow", "lambda_warp", "lambda_l1", "lr"):
         need(ic[key] >= 0, key, "must be >= 0")
     need(ic.tau_d >= 2, "tau_d", "a video sample needs at least 2 frames")
@@ -59,6 +60,10 @@ def check_config(cfg) -> None:
     need(ic.gan_mode in ("lsgan", "hinge"), "gan_mode", "use lsgan or hinge")
     need(all(isinstance(c, int) and 0 <= c < cfg.data.num_classes for c in ic.foreground), "foreground",
          f"must list class indices in [0, {cfg.data.num_classes})")
+    longest_span = (ic.tau_d - 1) * ic.tau_d ** (ic.temporal_scales - 1) + 1 if ic.temporal_scales else 0
+    need(longest_span <= ic.frames_max, "temporal_scales",
+         f"the video discriminator at frame step {ic.tau_d ** max(ic.temporal_scales - 1, 0)} needs clips of "
+         f"{longest_span} generated frames but image.frames_max is {ic.frames_max}; it would never train")
     factor = 2 ** ic.n_downsample
     if any(side % factor for side in cfg.data.size):
         raise common.ConfigError(f"config key 'data.size' = {cfg.data.size}: each side must be divisible by "
@@ -296,8 +301,11 @@ def main(argv=None):
                     start = torch.randint(length - span + 1, (batch_size,), generator=draws).to(device)
                     windows.append((scale, frame_step, start[:, None] + frame_step * torch.arange(tau_d, device=device)))
 
+            keep_previous = None
+            if ic.context_dropout > 0:
+                keep_previous = (torch.rand(batch_size, length, generator=draws) >= ic.context_dropout).float().to(device)
             with common.autocast(device, cfg.run.precision):
-                out = generator_ddp(label_channels, real)
+                out = generator_ddp(label_channels, real, keep_previous)
             fake, hallucinated, flow = out["frames"], out["hallucinated"], out["flow"]
 
             # discriminator inputs: (real, composite, hallucination) stacked on the batch axis

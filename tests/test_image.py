@@ -185,8 +185,8 @@ def test_step_api_matches_training_forward_and_memory_is_flat():
 # ----------------------------------------------------------------------------- the training script
 
 def test_resume_equals_uninterrupted(tiny_drive, tmp_path):
-    # gan_warmup and the curriculum (2 -> 4 frames at step 2) both cross the resume point
-    extra = {"image.gan_warmup": 3}
+    # gan_warmup, context dropout and the curriculum (2 -> 4 frames at step 2) all cross the resume point
+    extra = {"image.gan_warmup": 3, "image.context_dropout": 0.3}
     straight = train_image.main(tiny_overrides(tiny_drive, tmp_path / "straight", steps=4, **extra))
     train_image.main(tiny_overrides(tiny_drive, tmp_path / "resumed", steps=2, **extra))
     resumed = train_image.main(tiny_overrides(tiny_drive, tmp_path / "resumed", steps=4, **extra) + ["--resume"])
