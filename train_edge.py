@@ -300,9 +300,11 @@ def evaluate(generator, batch: dict, cfg, chunk: int = 32) -> dict:
 
 
 def write_samples(generator, batch: dict, cfg, palette, path) -> Path:
-    """Rows of label | predicted boundary | true boundary, upscaled so small frames stay visible."""
-    labels = batch["label"][: cfg.edge.sample_frames, 0]
-    truth = true_boundaries(labels, batch["instance"][: cfg.edge.sample_frames, 0], cfg.edge.boundary_source)
+    """Rows of label | predicted boundary | true boundary for frames spread over the batch, upscaled so
+    small frames stay visible."""
+    rows = torch.from_numpy(np.linspace(0, len(batch["label"]) - 1, cfg.edge.sample_frames).round().astype(np.int64))
+    labels = batch["label"][rows, 0]
+    truth = true_boundaries(labels, batch["instance"][rows, 0], cfg.edge.boundary_source)
     predicted = predict_boundaries(generator, labels)[:, 0].cpu().numpy()
     panels = []
     for i in range(len(labels)):
@@ -351,14 +353,15 @@ def main(argv=None) -> dict:
     opt_g = torch.optim.Adam(generator.parameters(), lr=e.lr, betas=(e.beta1, e.beta2))
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=e.lr * e.d_lr_ratio, betas=(e.beta1, e.beta2))
     scalers = {"g": common.grad_scaler(device, cfg.run.precision), "d": common.grad_scaler(device, cfg.run.precision)}
-    start_step, history, clock = 0, {}, {"train_seconds": 0.0}
+    # Wall and process CPU seconds spent in training steps (CPU time is what a shared machine does not inflate).
+    start_step, history, clock = 0, {}, {"train_seconds": 0.0, "train_cpu_seconds": 0.0}
     checkpoint = common.resume_path(args, run_dir)
     if checkpoint is not None:
         payload = common.load_checkpoint(checkpoint, modules={"generator": generator, "discriminator": discriminator},
                                          optimizers={"g": opt_g, "d": opt_d}, scalers=scalers, cfg=cfg,
                                          check_keys=CHECK_KEYS, map_location=device)
         start_step, history = payload["step"], payload["extra"].get("history", {})
-        clock["train_seconds"] = payload["extra"].get("train_seconds", 0.0)
+        clock.update({k: payload["extra"].get(k, 0.0) for k in clock})
         common.log(f"resumed from {checkpoint} at step {start_step}")
     if dist.enabled:
         ddp_args = {"device_ids": [device.index]} if device.type == "cuda" else {}
@@ -376,7 +379,7 @@ def main(argv=None) -> dict:
         common.save_checkpoint(run_dir / "last.pt", step=step, cfg=cfg,
                                modules={"generator": generator, "discriminator": discriminator},
                                optimizers={"g": opt_g, "d": opt_d}, scalers=scalers,
-                               extra={"history": history, "train_seconds": clock["train_seconds"]})
+                               extra={"history": history, **clock})
 
     def validate(step):
         scores = evaluate(generator, val_batch, cfg)
@@ -398,12 +401,13 @@ def main(argv=None) -> dict:
     done = start_step
     with common.StopSignal() as stop:
         for step in progress:
-            tick = time.perf_counter()
+            tick, cpu_tick = time.perf_counter(), time.process_time()
             batch = next(loader)
             labels = batch["label"][:, 0].to(device, non_blocking=True)
             truth = true_boundaries(labels, batch["instance"][:, 0].to(device, non_blocking=True), e.boundary_source)
             losses = train_step(generator, discriminator, opt_g, opt_d, scalers, labels, truth, cfg, step)
             clock["train_seconds"] += time.perf_counter() - tick
+            clock["train_cpu_seconds"] += time.process_time() - cpu_tick
             done = step + 1
             if losses is not None:
                 for k, v in losses.items():
@@ -424,15 +428,15 @@ def main(argv=None) -> dict:
     progress.close()
     common.assert_ranks_identical(generator, "generator parameters")
     common.assert_ranks_identical(discriminator, "discriminator parameters")
-    train_seconds = clock["train_seconds"]
-    result = {"run_dir": run_dir, "step": done, "train_seconds": train_seconds, "val": scores}
+    result = {"run_dir": run_dir, "step": done, **clock, "val": scores}
     if dist.is_main:
         if scores is None:
             scores = validate(done)
         result["val"] = scores
-        common.log(f"at step {done}: {train_seconds:.1f}s spent in training steps (this run and any it resumed)")
+        common.log(f"at step {done}: {clock['train_seconds']:.1f}s wall, {clock['train_cpu_seconds']:.1f}s process CPU "
+                   f"in training steps (this run and any it resumed; {torch.get_num_threads()} threads)")
         common.atomic_write_bytes(run_dir / "metrics.json", json.dumps(
-            {"step": done, "train_seconds": train_seconds, "tolerance": e.tolerance, "threshold": e.threshold,
+            {"step": done, **clock, "tolerance": e.tolerance, "threshold": e.threshold,
              "val_frames": len(val_batch["label"]), **scores}, indent=2).encode())
     return result
 
