@@ -10,7 +10,8 @@ from data.rollout_io import read_rollout
 
 TINY = ["data.size=[32, 32]", "structure.width_mult=0.0625", "structure.lstm_mult=0.0625", "structure.h_channels=8",
         "structure.z_channels=4", "image.ngf=4", "image.n_downsample=1", "image.n_blocks=2", "image.tau=2",
-        "image.num_d=1", "image.ndf=4"]
+        "image.num_d=1", "image.ndf=4", "image.use_edges=true", "edge.enabled=true", "edge.width=0.0625",
+        "edge.res_blocks=1"]
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +23,12 @@ def tiny_drive(tmp_path_factory):
 
 
 def _save_generators(root, run_dir, extra=()):
+    import train_edge
     import train_image
     import train_structure
     cfg = common.load_config(None, [f"data.root={root}", f"run.dir={run_dir}", *TINY, *extra])
-    for name, script, module in (("structure", train_structure, "structure"), ("image", train_image, "generator")):
+    for name, script, module in (("structure", train_structure, "structure"), ("image", train_image, "generator"),
+                                 ("edge", train_edge, "generator")):
         model = script.build_model(cfg)
         common.save_checkpoint(run_dir / name / "last.pt", step=1, cfg=cfg, modules={module: model})
     return cfg
