@@ -90,8 +90,19 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 # ----------------------------------------------------------------------------- loss and metrics
 
-def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ignore_index: int) -> dict:
-    """Sum over steps of (per-step reconstruction + beta * KL); also the per-step means for logging."""
+def kl_weight(cfg, step: int | None) -> float:
+    """beta, ramped linearly from 0 over the first structure.kl_warmup steps when that is set (0: constant
+    beta, the paper's choice; a warm-up keeps the latent from collapsing in very short CPU runs)."""
+    s = cfg.structure
+    if step is None or s.kl_warmup <= 0:
+        return s.beta
+    return s.beta * min(1.0, step / s.kl_warmup)
+
+
+def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ignore_index: int,
+              step: int | None = None) -> dict:
+    """Sum over steps of (per-step reconstruction + beta * KL); also the per-step means for logging.
+    `step` (training) applies the KL warm-up; without it the full beta is used (validation)."""
     s = cfg.structure
     out, targets = result["out"], frames[:, 1:]
     if model.variant == "rgb":
@@ -106,7 +117,7 @@ def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ig
         per_step_count = valid.flatten(1).sum(1).view(out.shape[:2]).sum(0).clamp_min(1)
         recon = per_step_sum / per_step_count                                  # (T-1,)
     kl = result["kl"].mean(0)                                                  # (T-1,)
-    loss = recon.sum() + s.beta * kl.sum()
+    loss = recon.sum() + kl_weight(cfg, step) * kl.sum()
     return {"loss": loss, "nll": recon.detach().mean(), "kl": kl.detach().mean()}
 
 
@@ -273,7 +284,7 @@ def main(argv=None) -> dict:
             frames = next(loader)[modality].to(device, non_blocking=True)
             with common.autocast(device, cfg.run.precision):
                 result = trained(frames, s.n_past)
-            losses = clip_loss(model, result, frames, cfg, ignore_index)
+            losses = clip_loss(model, result, frames, cfg, ignore_index, step)
             optimizer.zero_grad(set_to_none=True)
             if common.loss_is_finite(losses["loss"], step, cfg.run.on_nonfinite):
                 scaler.scale(losses["loss"]).backward()

@@ -78,3 +78,11 @@ def test_every_shipped_config_loads():
     for path in sorted(common.CONFIG_DIR.glob("*.yaml")):
         cfg = load_config(str(path))
         assert cfg.data.num_classes in (19, 25), path
+
+
+def test_duplicate_yaml_key_is_refused(tmp_path):
+    """PyYAML keeps the last of two equal keys silently; a second section block must be an error instead."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("run:\n  seed: 1\nrun:\n  seed: 2\n")
+    with pytest.raises(ConfigError, match="duplicate key 'run'"):
+        load_config(str(path))
