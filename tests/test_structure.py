@@ -274,7 +274,8 @@ def test_triton_interpreter_kernels_match_torch_path():
     if not (kernels.HAS_TRITON and kernels._dispatch.INTERPRET):
         pytest.fail("this test needs triton with TRITON_INTERPRET=1 set before import (tests/conftest.py does it)")
     torch.manual_seed(0)
-    model = build_model(tiny_cfg("structure.variant=lstm", size=(16, 16))).eval()
+    model = build_model(tiny_cfg("structure.variant=lstm", "structure.encoder_blocks=[[16, 1], [32, 1]]",
+                                 size=(16, 16))).eval()
     context = random_labels(1, 3, 16, 16)
     reference = model.generate(context, 3)
     with kernels.using_backend("triton"):
