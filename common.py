@@ -9,6 +9,7 @@ import copy
 import io
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -157,6 +158,9 @@ def _file_layers(path: Path, seen=()) -> list[tuple[Path, dict]]:
     return _file_layers(resolve_config_path(parent), seen + (path,)) + [(path, tree)]
 
 
+_FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def parse_override(token: str) -> tuple[str, object]:
     """'--a.b=3' -> ('a.b', 3). Values are parsed as YAML scalars so types come out right."""
     body = token[2:] if token.startswith("--") else token
@@ -167,6 +171,8 @@ def parse_override(token: str) -> tuple[str, object]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str) and _FLOAT_LITERAL.fullmatch(raw.strip()):
+        value = float(raw)  # YAML 1.1 reads '1e-5' (no dot) as a string; on a command line it is a number
     return key, value
 
 
@@ -620,8 +626,8 @@ def write_video_stream(path, frames, fps: int = 10, scale: int = 1) -> Path:
     path = Path(path)
     if path.suffix not in (".mp4", ".gif"):
         raise ValueError(f"write_video({path}): use .mp4 or .gif")
-    options = (dict(fps=fps, codec="libx264", macro_block_size=1, quality=None,
-                    output_params=["-pix_fmt", "yuv420p", "-crf", "18"]) if path.suffix == ".mp4"
+    options = (dict(fps=fps, codec="libx264", macro_block_size=1, quality=None, pixelformat="yuv420p",
+                    output_params=["-crf", "18"], ffmpeg_log_level="error") if path.suffix == ".mp4"
                else dict(duration=1000 / fps, loop=0))
     with atomic_path(path) as tmp:
         with imageio.get_writer(tmp, format="FFMPEG" if path.suffix == ".mp4" else "GIF", mode="I", **options) as writer:

@@ -14,6 +14,8 @@ def test_defaults_and_file_merge():
 def test_overrides_dotted_and_typed():
     cfg = load_config(None, ["run.seed=7", "data.size=[32, 48]", ("run.precision", "bf16")])
     assert cfg.run.seed == 7 and cfg.data.size == [32, 48] and cfg.run.precision == "bf16"
+    # YAML 1.1 reads '1e-5' as a string; an override means the number
+    assert load_config(None, ["structure.beta=1e-5"]).structure.beta == 1e-5
 
 
 def test_int_accepted_for_float_and_bool_strict():
