@@ -42,7 +42,8 @@ def checkpoint_path(cfg, key: str, component: str) -> Path:
 
 def load_component(script: str, path: Path, module_name: str, cfg, device) -> torch.nn.Module:
     """A generator rebuilt from the config saved in its checkpoint (so the architecture always fits),
-    refused when its classes or frame size differ from this run's data."""
+    refused when its classes or frame size differ from this run's data. The checkpoint's config is kept
+    as `model.trained_config`."""
     import importlib
     payload = common.read_checkpoint(path)
     common.check_compatible(payload, cfg, ["data.num_classes", "data.size"], path)
@@ -50,14 +51,17 @@ def load_component(script: str, path: Path, module_name: str, cfg, device) -> to
     if module_name not in payload["modules"]:
         raise common.CheckpointError(f"{path} holds {sorted(payload['modules'])}, not a {module_name!r} ({script})")
     model.load_state_dict(payload["modules"][module_name])
+    model.trained_config = common.Config.from_dict(payload["config"])
     return model.to(device).eval()
 
 
 class Pipeline:
     """The generators behind one step with fixed buffers: call init() with the context, then step()."""
 
-    def __init__(self, structure, image=None, edge=None, device=torch.device("cpu"), channels_last: bool = True):
+    def __init__(self, structure, image=None, edge=None, device=torch.device("cpu"), channels_last: bool = True,
+                 stride: int = 1):
         self.device, self.structure, self.image, self.edge = device, structure, image, edge
+        self.stride = stride  # frames of the source video between two rollout steps, as the models trained
         self.structure.for_rollout(channels_last=channels_last)
         self.variant = structure.variant
         self.tau = image.tau if image is not None else 0
@@ -76,7 +80,14 @@ class Pipeline:
             if image.use_edges:
                 edge = load_component("train_edge", checkpoint_path(cfg, "edge_ckpt", "edge"), "generator",
                                             cfg, device)
-        return cls(structure, image, edge, device, cfg.rollout.channels_last)
+        # one step of the rollout is one step of the structure generator's training clips; the image
+        # generator must have learnt motion at the same frame step
+        stride = structure.trained_config.structure.stride
+        if image is not None and image.trained_config.image.stride != stride:
+            raise common.ConfigError(
+                f"the structure generator trained at structure.stride={stride}, the image generator at "
+                f"image.stride={image.trained_config.image.stride}: their frame steps must match")
+        return cls(structure, image, edge, device, cfg.rollout.channels_last, stride)
 
     def init(self, context_labels: torch.Tensor, context_rgb: torch.Tensor, samples: int, generator):
         """context_labels (B, n_past, H, W) uint8, context_rgb (B, n_past, 3, H, W) uint8."""
@@ -136,19 +147,21 @@ def _tensors_of(obj, seen=None) -> list[torch.Tensor]:
 
 # ----------------------------------------------------------------------------- context clips
 
-def pick_clips(cfg, meta, n_past: int) -> list[dict]:
-    """`clips` context windows spread over the split's sequences (round-robin, then later starts)."""
+def pick_clips(cfg, meta, n_past: int, stride: int = 1) -> list[dict]:
+    """`clips` context windows of n_past frames `stride` apart, spread over the split's sequences
+    (round-robin, then later starts)."""
     sequences = list_sequences(cfg.data.root, cfg.rollout.split)
     clips = []
     for i in range(cfg.rollout.clips):
         seq_dir = sequences[i % len(sequences)]
         arrays = load_sequence_modalities(seq_dir, ("label", "rgb"), meta)
-        length = arrays["label"].shape[0]
-        if length < n_past:
-            raise DatasetError(f"{seq_dir}: {length} frames, fewer than rollout.n_past={n_past}")
+        length, span = arrays["label"].shape[0], (n_past - 1) * stride + 1
+        if length < span:
+            raise DatasetError(f"{seq_dir}: {length} frames, fewer than rollout.n_past={n_past} at stride {stride}")
         rounds = math.ceil(cfg.rollout.clips / len(sequences))
-        start = (i // len(sequences)) * (length - n_past) // max(rounds, 1)
-        clips.append({"sequence": seq_dir.name, "start": int(start), "arrays": arrays})
+        start = (i // len(sequences)) * (length - span) // max(rounds, 1)
+        context = {m: np.array(arrays[m][start:start + span:stride]) for m in ("label", "rgb")}
+        clips.append({"sequence": seq_dir.name, "start": int(start), "arrays": arrays, "context": context})
     return clips
 
 
@@ -204,10 +217,9 @@ def run_group(cfg, pipeline: Pipeline, writer: RolloutWriter, clip_ids: list, cl
     frames, samples, chunk = r.frames, r.samples, r.chunk
     state_path = state_dir / f"group_{clip_ids[0]:04d}.pt"
     generator = torch.Generator(device).manual_seed(cfg.run.seed * 1_000_003 + clip_ids[0])
-    context_labels = torch.stack([torch.from_numpy(np.array(clips[c]["arrays"]["label"][
-        clips[c]["start"]:clips[c]["start"] + r.n_past])) for c in clip_ids]).to(device)
-    context_rgb = torch.stack([torch.from_numpy(np.array(clips[c]["arrays"]["rgb"][
-        clips[c]["start"]:clips[c]["start"] + r.n_past])).permute(0, 3, 1, 2) for c in clip_ids]).to(device)
+    context_labels = torch.stack([torch.from_numpy(clips[c]["context"]["label"]) for c in clip_ids]).to(device)
+    context_rgb = torch.stack([torch.from_numpy(clips[c]["context"]["rgb"]).permute(0, 3, 1, 2)
+                               for c in clip_ids]).to(device)
     pipeline.init(context_labels, context_rgb, samples, generator)
     start = 0
     saved = torch.load(state_path, map_location="cpu", weights_only=True) if state_path.is_file() else None
@@ -291,11 +303,12 @@ def main(argv=None) -> Path:
     pipeline = Pipeline.from_checkpoints(cfg, dist.device)
     if pipeline.image is not None and r.n_past < pipeline.tau:
         raise common.ConfigError(f"rollout.n_past={r.n_past} is shorter than the image generator's tau={pipeline.tau}")
-    clips = pick_clips(cfg, meta, r.n_past)
+    clips = pick_clips(cfg, meta, r.n_past, pipeline.stride)
     out_dir = Path(r.out or Path(cfg.run.dir) / "rollout")
     writer_args = dict(dataset_root=cfg.data.root, split=r.split, n_past=r.n_past, frames=r.frames,
                        samples=r.samples, clips=[{"sequence": c["sequence"], "start": c["start"]} for c in clips],
                        size=cfg.data.size, num_classes=cfg.data.num_classes, chunk=r.chunk, seed=cfg.run.seed,
+                       stride=pipeline.stride,
                        modalities=pipeline.modalities,
                        extra={"structure_variant": pipeline.variant, "edge": pipeline.edge is not None})
     if dist.is_main:
@@ -306,13 +319,15 @@ def main(argv=None) -> Path:
     per_group = max(1, r.batch // r.samples)
     groups = [list(range(i, min(i + per_group, len(clips)))) for i in range(0, len(clips), per_group)]
     my_groups = groups[dist.rank::dist.world_size]
+    step = pipeline.stride
     for clip_ids in my_groups:
         for c in clip_ids:
             arrays, begin = clips[c]["arrays"], clips[c]["start"]
-            writer.write_context(c, **{m: np.array(arrays[m][begin:begin + r.n_past]) for m in ("label", "rgb")})
-            truth_end = min(begin + r.n_past + r.truth_frames, arrays["label"].shape[0])
-            if truth_end > begin + r.n_past:
-                writer.write_truth(c, **{m: np.array(arrays[m][begin + r.n_past:truth_end]) for m in ("label", "rgb")})
+            future = begin + r.n_past * step  # the first frame the rollout predicts
+            writer.write_context(c, **clips[c]["context"])
+            truth_end = min(future + r.truth_frames * step, arrays["label"].shape[0])
+            if truth_end > future:
+                writer.write_truth(c, **{m: np.array(arrays[m][future:truth_end:step]) for m in ("label", "rgb")})
     total = sum(len(g) for g in my_groups) * r.samples * r.frames
     started = time.perf_counter()
     complete = True
