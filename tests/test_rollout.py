@@ -11,7 +11,7 @@ from data.rollout_io import read_rollout
 TINY = ["data.size=[32, 32]", "structure.width_mult=0.0625", "structure.lstm_mult=0.0625", "structure.h_channels=8",
         "structure.z_channels=4", "image.ngf=4", "image.n_downsample=1", "image.n_blocks=2", "image.tau=2",
         "image.num_d=1", "image.ndf=4", "image.use_edges=true", "edge.enabled=true", "edge.width=0.0625",
-        "edge.res_blocks=1"]
+        "edge.res_blocks=1", "structure.stride=1", "image.stride=1"]
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +121,22 @@ def test_missing_and_mismatched_checkpoints_are_refused(tiny_drive, tmp_path):
     _save_generators(tiny_drive, tmp_path / "run", extra=["data.num_classes=25"])
     with pytest.raises(common.CheckpointError, match="data.num_classes=25 but the config says data.num_classes=19"):
         rollout.main(_argv(tiny_drive, tmp_path / "run", "--frames=10"))
+
+
+def test_rollout_steps_at_the_training_stride(tiny_drive, tmp_path):
+    """Generators trained on every 2nd frame see context and truth at that frame step, and the protocol
+    records it (evaluation compares with training shots at the same step); differing strides are refused."""
+    from data.layout import load_sequence_modalities, read_meta
+    _save_generators(tiny_drive, tmp_path / "run", extra=["structure.stride=2", "image.stride=2"])
+    out = rollout.main(_argv(tiny_drive, tmp_path / "run", "--frames=4", "--rollout.n_past=3",
+                             "--rollout.truth_frames=3", f"--rollout.out={tmp_path / 'r'}"))
+    reader = read_rollout(out)
+    assert reader.protocol["stride"] == 2
+    clip = reader.protocol["clips"][0]
+    source = load_sequence_modalities(tiny_drive / "val" / clip["sequence"], ("label",), read_meta(tiny_drive))
+    start = clip["start"]
+    assert np.array_equal(reader.context(0, "label"), source["label"][start:start + 5:2])
+    assert np.array_equal(reader.truth(0, "label"), source["label"][start + 6:start + 12:2])
+    _save_generators(tiny_drive, tmp_path / "mixed", extra=["structure.stride=2", "image.stride=1"])
+    with pytest.raises(common.ConfigError, match="structure.stride=2.*image.stride=1"):
+        rollout.main(_argv(tiny_drive, tmp_path / "mixed", "--frames=4", "--rollout.n_past=3"))
