@@ -39,9 +39,10 @@ def _tanh(x):
 
 
 @triton.jit
-def _convlstm_fwd_kernel(gates_ptr, c_prev_ptr, h_ptr, c_ptr, C, HW,
-                         g_sb, g_sc, g_sp, p_sb, p_sc, p_sp, o_sb, o_sc, o_sp,
-                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _tile_gates(gates_ptr, c_prev_ptr, C, HW, g_sb, g_sc, g_sp, p_sb, p_sc, p_sp,
+                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile: batch index, pixels, channels, mask, the four gate activations and c_prev
+    in fp32 (shared by the forward and the backward, which recomputes them)."""
     # axis 0 walks (batch, pixel block): no 65535 limit on the batch
     pix_blocks = (HW + BLOCK_P - 1) // BLOCK_P
     b = (tl.program_id(0) // pix_blocks).to(tl.int64)
@@ -56,6 +57,15 @@ def _convlstm_fwd_kernel(gates_ptr, c_prev_ptr, h_ptr, c_ptr, C, HW,
     o = tl.sigmoid(tl.load(gates_ptr + g_off + 3 * chunk, mask=mask, other=0.0).to(tl.float32))
     c_prev = tl.load(c_prev_ptr + b * p_sb + ch[None, :] * p_sc + pix[:, None] * p_sp,
                      mask=mask, other=0.0).to(tl.float32)
+    return b, pix, ch, mask, i, f, g, o, c_prev
+
+
+@triton.jit
+def _convlstm_fwd_kernel(gates_ptr, c_prev_ptr, h_ptr, c_ptr, C, HW,
+                         g_sb, g_sc, g_sp, p_sb, p_sc, p_sp, o_sb, o_sc, o_sp,
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    b, pix, ch, mask, i, f, g, o, c_prev = _tile_gates(gates_ptr, c_prev_ptr, C, HW, g_sb, g_sc, g_sp,
+                                                       p_sb, p_sc, p_sp, BLOCK_P, BLOCK_C)
     c = f * c_prev + i * g
     h = o * _tanh(c)
     o_off = b * o_sb + ch[None, :] * o_sc + pix[:, None] * o_sp
@@ -69,20 +79,8 @@ def _convlstm_bwd_kernel(gates_ptr, c_prev_ptr, dh_ptr, dc_ptr, dgates_ptr, dc_p
                          dg_sb, dg_sc, dg_sp, dp_sb, dp_sc, dp_sp,
                          HAS_DH: tl.constexpr, HAS_DC: tl.constexpr, NEED_DC_PREV: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # axis 0 walks (batch, pixel block): no 65535 limit on the batch
-    pix_blocks = (HW + BLOCK_P - 1) // BLOCK_P
-    b = (tl.program_id(0) // pix_blocks).to(tl.int64)
-    pix = (tl.program_id(0) % pix_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (pix[:, None] < HW) & (ch[None, :] < C)
-    g_off = b * g_sb + ch[None, :] * g_sc + pix[:, None] * g_sp
-    chunk = C * g_sc
-    i = tl.sigmoid(tl.load(gates_ptr + g_off, mask=mask, other=0.0).to(tl.float32))
-    f = tl.sigmoid(tl.load(gates_ptr + g_off + chunk, mask=mask, other=0.0).to(tl.float32))
-    g = _tanh(tl.load(gates_ptr + g_off + 2 * chunk, mask=mask, other=0.0).to(tl.float32))
-    o = tl.sigmoid(tl.load(gates_ptr + g_off + 3 * chunk, mask=mask, other=0.0).to(tl.float32))
-    c_prev = tl.load(c_prev_ptr + b * p_sb + ch[None, :] * p_sc + pix[:, None] * p_sp,
-                     mask=mask, other=0.0).to(tl.float32)
+    b, pix, ch, mask, i, f, g, o, c_prev = _tile_gates(gates_ptr, c_prev_ptr, C, HW, g_sb, g_sc, g_sp,
+                                                       p_sb, p_sc, p_sp, BLOCK_P, BLOCK_C)
     tanh_c = _tanh(f * c_prev + i * g)
 
     # gradient reaching c: from the caller (dc) and through h = o * tanh(c)

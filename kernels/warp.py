@@ -77,6 +77,12 @@ def _bilinear_taps(flow_ptr, b, pix, valid, fl_sb, fl_sc, fl_sp, H, W, x_max, y_
 
 
 @triton.jit
+def _tap_weights(tx, ty):
+    """Bilinear weights of the four taps (top-left, top-right, bottom-left, bottom-right)."""
+    return (1.0 - tx) * (1.0 - ty), tx * (1.0 - ty), (1.0 - tx) * ty, tx * ty
+
+
+@triton.jit
 def _warp_fwd_kernel(prev_ptr, flow_ptr, mask_ptr, hall_ptr, out_ptr, C, H, W, x_max, y_max,
                      pr_sb, pr_sc, pr_sp, fl_sb, fl_sc, fl_sp, m_sb, m_sp, ha_sb, ha_sc, ha_sp,
                      o_sb, o_sc, o_sp, BLEND: tl.constexpr, BLOCK: tl.constexpr):
@@ -86,10 +92,7 @@ def _warp_fwd_kernel(prev_ptr, flow_ptr, mask_ptr, hall_ptr, out_ptr, C, H, W, x
     valid = pix < H * W
     p00, p01, p10, p11, tx, ty, _, _, _, _ = _bilinear_taps(flow_ptr, b, pix, valid, fl_sb, fl_sc, fl_sp,
                                                             H, W, x_max, y_max)
-    w00 = (1.0 - tx) * (1.0 - ty)
-    w01 = tx * (1.0 - ty)
-    w10 = (1.0 - tx) * ty
-    w11 = tx * ty
+    w00, w01, w10, w11 = _tap_weights(tx, ty)
     if BLEND:
         m = tl.load(mask_ptr + b * m_sb + pix * m_sp, mask=valid, other=0.0).to(tl.float32)
     for c in range(C):
@@ -118,10 +121,7 @@ def _warp_bwd_kernel(prev_ptr, flow_ptr, mask_ptr, hall_ptr, grad_ptr,
     valid = pix < H * W
     p00, p01, p10, p11, tx, ty, has_x1, has_y1, inside_x, inside_y = _bilinear_taps(
         flow_ptr, b, pix, valid, fl_sb, fl_sc, fl_sp, H, W, x_max, y_max)
-    w00 = (1.0 - tx) * (1.0 - ty)
-    w01 = tx * (1.0 - ty)
-    w10 = (1.0 - tx) * ty
-    w11 = tx * ty
+    w00, w01, w10, w11 = _tap_weights(tx, ty)
     if BLEND:
         m = tl.load(mask_ptr + b * m_sb + pix * m_sp, mask=valid, other=0.0).to(tl.float32)
     d_sx = tl.zeros([BLOCK], dtype=tl.float32)
