@@ -6,7 +6,9 @@
 
 Loads the structure (+ boundary) + image generator checkpoints of the run (or the ones named by
 rollout.*_ckpt), takes `clips` context clips from a split, draws `samples` futures per clip as one
-batch, and steps all of them together: structure.step -> predict_boundaries -> image.step. Frames
+batch, and steps all of them together: structure.step -> predict_boundaries -> image.step. One step
+is one step of the generators' training clips (structure.stride = image.stride source frames; the
+context, the kept ground truth and the protocol use the same step). Frames
 are buffered on the device for `chunk` steps, then written as uint8 chunks (data/rollout_io.py), so
 memory is flat in --frames. After each chunk the recurrent state and the noise generator are saved,
 so an interrupted rollout (Ctrl-C, SIGTERM, a crash) resumes from its last complete chunk and gives
