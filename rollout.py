@@ -95,7 +95,7 @@ class Pipeline:
         """context_labels (B, n_past, H, W) uint8, context_rgb (B, n_past, 3, H, W) uint8."""
         rows_rgb = context_rgb.float() / 127.5 - 1
         self.sstate = self.structure.init_state(context_labels.shape[0], samples, self.device)
-        frames = rows_rgb if self.variant == "rgb" else context_labels
+        frames = context_rgb if self.variant == "rgb" else context_labels  # uint8: observe() scales RGB itself
         for t in range(frames.shape[1]):
             self.structure.observe(self.sstate, frames[:, t], generator)
         self.istate = None

@@ -140,3 +140,19 @@ def test_rollout_steps_at_the_training_stride(tiny_drive, tmp_path):
     _save_generators(tiny_drive, tmp_path / "mixed", extra=["structure.stride=2", "image.stride=1"])
     with pytest.raises(common.ConfigError, match="structure.stride=2.*image.stride=1"):
         rollout.main(_argv(tiny_drive, tmp_path / "mixed", "--frames=4", "--rollout.n_past=3"))
+
+
+def test_rgb_variant_pipeline_equals_the_model_on_uint8_context():
+    """The non-hierarchical baseline sees its context as the model's own API does (uint8 RGB, scaled once)."""
+    import torch
+    import train_structure
+    cfg = common.load_config(None, [*TINY, "structure.variant=rgb"])
+    model = train_structure.build_model(cfg)
+    context_rgb = torch.randint(0, 256, (2, 3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    context_labels = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    expected = model.eval().generate(context_rgb, 4, generator=torch.Generator().manual_seed(1))[:, 0]
+    pipeline = rollout.Pipeline(model, channels_last=False)
+    generator = torch.Generator().manual_seed(1)
+    pipeline.init(context_labels, context_rgb, 1, generator)
+    frames = torch.stack([pipeline.step(generator)["rgb"] for _ in range(4)], 1)  # (B, T, H, W, 3)
+    assert torch.equal(frames, expected.permute(0, 1, 3, 4, 2))
