@@ -11,8 +11,6 @@ extraction per 1000 clips on this device. Appends a row to bench/fvd.csv.
 from __future__ import annotations
 
 import argparse
-import csv
-import platform
 import sys
 import time
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import record  # noqa: E402
 import evaluate  # noqa: E402
 from data.synthetic import write_dataset  # noqa: E402
 
@@ -50,8 +49,7 @@ def main(argv=None):
     seconds = time.perf_counter() - started
     clips = sum(len(f) for f in features.values())
     row = {"date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-           else f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads",
+           "device": record.device_name(device),
            "torch": torch.__version__, "commit": common.git_commit(), "clips_per_set": args.clips,
            "window": args.window,
            "fvd_drive_halves": round(evaluate.frechet_distance(features["drive_a"], features["drive_b"]), 2),
@@ -59,12 +57,7 @@ def main(argv=None):
            "i3d_seconds_per_1000_clips": round(1000 * seconds / clips, 1)}
     for key, value in row.items():
         print(f"{key:28s} {value}")
-    new_file = not CSV.exists()
-    with open(CSV, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new_file:
-            writer.writeheader()
-        writer.writerow(row)
+    record.append_csv(CSV, [row])
     print(f"appended a row to {CSV}")
 
 

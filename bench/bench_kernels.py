@@ -15,14 +15,11 @@ torch/triton versions and git commit.
 """
 
 import argparse
-import csv
 import datetime
 import os
-import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import kernels  # noqa: E402
+from record import append_csv, device_name, triton_version  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CSV_FIELDS = ["date_utc", "device", "torch", "triton", "commit", "kernel", "pass", "shape", "dtype", "path",
@@ -141,26 +139,6 @@ def plan(args, on_cuda):
 
 # ----------------------------------------------------------------------------- environment record
 
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"CPU {model} ({torch.get_num_threads()} threads)"
-
-
-def triton_version():
-    try:
-        import triton
-        return triton.__version__
-    except Exception as err:  # missing or broken: the record says so
-        return f"unavailable ({type(err).__name__})"
-
-
 def git_commit():
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -170,23 +148,6 @@ def git_commit():
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def append_csv(path, rows):
-    """Append rows atomically: the old content plus the new rows go to a temp file renamed over the CSV."""
-    path = Path(path)
-    old = path.read_text() if path.exists() else ""
-    if old and old.splitlines()[0].split(",") != CSV_FIELDS:
-        raise SystemExit(f"{path}: header differs from {CSV_FIELDS}; move the file aside or pass --csv elsewhere")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as f:
-        f.write(old)
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if not old:
-            writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- main
@@ -271,7 +232,7 @@ def main():
                           flush=True)
                 del call
     if not args.no_csv:
-        append_csv(args.csv, rows)
+        append_csv(args.csv, rows, CSV_FIELDS)
         print(f"appended {len(rows)} rows to {args.csv}")
 
 

@@ -14,8 +14,6 @@ of a step does not depend on them. Prints a table and appends rows to bench/roll
 from __future__ import annotations
 
 import argparse
-import csv
-import platform
 import resource
 import statistics
 import sys
@@ -26,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import record  # noqa: E402
 import kernels  # noqa: E402
 import train_image  # noqa: E402
 import train_structure  # noqa: E402
@@ -80,12 +79,15 @@ class ImageStep:
         self.model, self.device = model, device
         height, width = size
         self.labels = torch.randint(0, num_classes, (batch, height, width), dtype=torch.uint8, device=device)
+        # a boundary channel when the generator takes one (its values do not change the cost)
+        self.edges = torch.zeros(batch, 1, height, width, device=device) if model.use_edges else None
         self.state = model.init_state(torch.zeros(batch, model.tau, 3, height, width, device=device),
-                                      self.labels[:, None].expand(-1, model.tau, -1, -1))
+                                      self.labels[:, None].expand(-1, model.tau, -1, -1),
+                                      None if self.edges is None else self.edges[:, None].expand(-1, model.tau, -1, -1, -1))
 
     @torch.inference_mode()
     def step(self, generator):
-        rgb, new_state = self.model.step(self.state, self.labels)
+        rgb, new_state = self.model.step(self.state, self.labels, self.edges)
         for key, value in new_state.items():
             self.state[key].copy_(value)
         return {"rgb": rgb}
@@ -140,12 +142,7 @@ def main(argv=None):
     image = train_image.build_model(cfg).to(device).eval()
     if not on_cuda:
         print("CPU: fused Triton kernels and CUDA graphs need a CUDA device; measuring the eager torch path.")
-    device_name = torch.cuda.get_device_name(device) if on_cuda else f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "none"
+    device_label, triton_version = record.device_name(device), record.triton_version()
     rates = {p: matmul_rate(device, torch.float32 if p == "fp32" else torch.bfloat16) for p in precisions}
     rows = []
     for component in ("structure", "image"):
@@ -161,7 +158,7 @@ def main(argv=None):
                     with torch.inference_mode():
                         seconds, peak = measure(stepper, device, precision, use_graph, args.steps, generator)
                     achieved = flops * batch / seconds
-                    rows.append({"device": device_name, "torch": torch.__version__, "triton": triton_version,
+                    rows.append({"device": device_label, "torch": torch.__version__, "triton": triton_version,
                                  "commit": common.git_commit(), "config": args.cfg, "component": component,
                                  "batch": batch, "mode": mode, "precision": precision,
                                  "ms_per_step": round(seconds * 1e3, 3), "frames_per_s": round(batch / seconds, 1),
@@ -175,12 +172,7 @@ def main(argv=None):
                           f"{r['gflop_per_frame']:.2f} GFLOP/frame  {100 * r['fraction_of_matmul']:.1f}% of matmul",
                           flush=True)
     kernels.set_backend("auto")
-    new_file = not CSV.exists()
-    with open(CSV, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new_file:
-            writer.writeheader()
-        writer.writerows(rows)
+    record.append_csv(CSV, rows)
     print(f"appended {len(rows)} rows to {CSV}")
 
 

@@ -1,0 +1,48 @@
+"""What every benchmark records beside its numbers: the device, the Triton version, and an atomic CSV append."""
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"CPU {model} ({torch.get_num_threads()} threads)"
+
+
+def triton_version() -> str:
+    try:
+        import triton
+        return triton.__version__
+    except Exception as err:  # missing or broken: the record says so
+        return f"unavailable ({type(err).__name__})"
+
+
+def append_csv(path, rows: list[dict], fields: list[str] | None = None) -> None:
+    """Append rows atomically (old content plus the new rows to a temp file renamed over the CSV); a file
+    whose header differs from `fields` (default: the first row's keys) is refused rather than mixed."""
+    path, fields = Path(path), list(fields or rows[0])
+    old = path.read_text() if path.exists() else ""
+    if old and old.splitlines()[0].split(",") != fields:
+        raise SystemExit(f"{path}: header differs from {fields}; move the file aside")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w", newline="") as f:
+        f.write(old)
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if not old:
+            writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
