@@ -117,7 +117,9 @@ def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ig
         per_step_count = valid.flatten(1).sum(1).view(out.shape[:2]).sum(0).clamp_min(1)
         recon = per_step_sum / per_step_count                                  # (T-1,)
     kl = result["kl"].mean(0)                                                  # (T-1,)
-    loss = recon.sum() + kl_weight(cfg, step) * kl.sum()
+    # free nats: no KL pressure below the floor per frame, so the posterior may carry that much information
+    penalised = result["kl"].clamp_min(s.free_nats).mean(0) if s.free_nats > 0 else kl
+    loss = recon.sum() + kl_weight(cfg, step) * penalised.sum()
     return {"loss": loss, "nll": recon.detach().mean(), "kl": kl.detach().mean()}
 
 

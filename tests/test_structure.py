@@ -137,6 +137,20 @@ def test_kl_warmup_ramps_beta_and_validation_uses_full_beta():
     assert train_structure.kl_weight(tiny_cfg("structure.beta=0.5"), 0) == 0.5  # 0 = constant (the paper)
 
 
+def test_free_nats_floor_the_penalised_kl_but_not_the_logged_one():
+    model = build_model(tiny_cfg())
+    frames = random_labels(2, 3, 32, 32)
+    result = {"out": torch.full((2, 2, 19, 32, 32), -(19.0 ** 0.5)).log_softmax(2),
+              "kl": torch.tensor([[0.5, 3.0], [1.0, 5.0]], requires_grad=True)}
+    plain = train_structure.clip_loss(model, result, frames, tiny_cfg("structure.beta=1.0"), 255)
+    floored = train_structure.clip_loss(model, result, frames, tiny_cfg("structure.beta=1.0", "structure.free_nats=2.0"), 255)
+    assert floored["kl"] == plain["kl"] == pytest.approx(2.375)  # logged: the true mean KL
+    # per frame max(kl, 2) averaged over the batch: (2 + 2) / 2 + (3 + 5) / 2 = 6 against 0.75 + 4 = 4.75
+    assert (floored["loss"] - plain["loss"]).item() == pytest.approx(6.0 - 4.75)
+    floored["loss"].backward()
+    assert result["kl"].grad.tolist() == [[0.0, 0.5], [0.0, 0.5]]  # no pressure below the floor
+
+
 def test_ddp_two_ranks_stay_identical(tiny_drive, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                str(ROOT / "train_structure.py"), *tiny_args(tiny_drive, tmp_path, "--structure.iterations=3")]
