@@ -151,7 +151,7 @@ def _tensors_of(obj, seen=None) -> list[torch.Tensor]:
 
 def pick_clips(cfg, meta, n_past: int, stride: int = 1) -> list[dict]:
     """`clips` context windows of n_past frames `stride` apart, spread over the split's sequences
-    (round-robin, then later starts)."""
+    (round-robin, then later starts), each with up to rollout.truth_frames true future frames at the same step."""
     sequences = list_sequences(cfg.data.root, cfg.rollout.split)
     clips = []
     for i in range(cfg.rollout.clips):
@@ -162,8 +162,12 @@ def pick_clips(cfg, meta, n_past: int, stride: int = 1) -> list[dict]:
             raise DatasetError(f"{seq_dir}: {length} frames, fewer than rollout.n_past={n_past} at stride {stride}")
         rounds = math.ceil(cfg.rollout.clips / len(sequences))
         start = (i // len(sequences)) * (length - span) // max(rounds, 1)
+        future = start + n_past * stride  # the first frame the rollout predicts
+        truth_end = min(future + cfg.rollout.truth_frames * stride, length)
         context = {m: np.array(arrays[m][start:start + span:stride]) for m in ("label", "rgb")}
-        clips.append({"sequence": seq_dir.name, "start": int(start), "arrays": arrays, "context": context})
+        truth = ({m: np.array(arrays[m][future:truth_end:stride]) for m in ("label", "rgb")}
+                 if truth_end > future else None)
+        clips.append({"sequence": seq_dir.name, "start": int(start), "context": context, "truth": truth})
     return clips
 
 
@@ -321,15 +325,11 @@ def main(argv=None) -> Path:
     per_group = max(1, r.batch // r.samples)
     groups = [list(range(i, min(i + per_group, len(clips)))) for i in range(0, len(clips), per_group)]
     my_groups = groups[dist.rank::dist.world_size]
-    step = pipeline.stride
     for clip_ids in my_groups:
         for c in clip_ids:
-            arrays, begin = clips[c]["arrays"], clips[c]["start"]
-            future = begin + r.n_past * step  # the first frame the rollout predicts
             writer.write_context(c, **clips[c]["context"])
-            truth_end = min(future + r.truth_frames * step, arrays["label"].shape[0])
-            if truth_end > future:
-                writer.write_truth(c, **{m: np.array(arrays[m][future:truth_end:step]) for m in ("label", "rgb")})
+            if clips[c]["truth"] is not None:
+                writer.write_truth(c, **clips[c]["truth"])
     total = sum(len(g) for g in my_groups) * r.samples * r.frames
     started = time.perf_counter()
     complete = True
