@@ -269,13 +269,19 @@ class StructureModel(nn.Module):
 
     # ------------------------------------------------------------------ teacher forcing
 
-    def forward(self, frames: torch.Tensor, n_past: int, generator: torch.Generator | None = None) -> dict:
+    def forward(self, frames: torch.Tensor, n_past: int, generator: torch.Generator | None = None,
+                feedback: float = 0.0) -> dict:
         """Teacher-forced pass over a clip. frames: uint8 labels (B, T, H, W) or RGB (B, T, 3, H, W).
-        Targets are frames 1..T-1, each predicted from the true frames before it with z from the posterior.
-        Returns out (B, T-1, C, H, W) log-probabilities (or RGB) and kl (B, T-1), zero without a latent."""
+        Targets are frames 1..T-1, each predicted from the frames before it with z from the posterior of the
+        true target. With `feedback` > 0 (scheduled sampling), each future input frame (index >= n_past) is,
+        with that probability per clip, the model's own detached prediction of it fed back as at rollout
+        (argmax, softmax or RGB): the model then learns to go on from its own outputs, not only from true
+        frames. Returns out (B, T-1, C, H, W) log-probabilities (or RGB) and kl (B, T-1), zero without a latent,
+        and kl_prior / kl_posterior, the same values with gradients to one side only."""
         batch, length = frames.shape[:2]
         codes, skips = self.encode_frames(frames.flatten(0, 1))
         codes = codes.view(batch, length, *codes.shape[1:])
+        skips = [s.view(batch, length, *s.shape[1:]) for s in skips]
         latent_h, latent_w = self.latent_size
         device = codes.device
         if self.stochastic:
@@ -283,29 +289,63 @@ class StructureModel(nn.Module):
             prior_state = self.prior.lstm.zero_state(batch, latent_h, latent_w, device, self.memory_format)
         pred_state = (self.predictor.zero_state(batch, latent_h, latent_w, device, self.memory_format)
                       if self.variant != "cnn" else None)
-        gs, kls = [], []
-        if self.variant == "cnn":  # no recurrence: every step at once
-            g, _ = self.predict_g(codes[:, :-1].flatten(0, 1), None, None)
-            gs = list(g.view(batch, length - 1, *g.shape[1:]).unbind(1))
-        for t in range(1, length if self.variant != "cnn" else 1):
-            z = None
-            if self.stochastic:
-                mu_q, logvar_q, post_state = self.posterior(codes[:, t], post_state)
-                mu_p, logvar_p, prior_state = self.prior(codes[:, t - 1], prior_state)
-                noise = torch.randn(mu_q.shape, generator=generator, device=device)
-                z = mu_q + noise * (0.5 * logvar_q).exp()
-                kls.append(gaussian_kl(mu_q, logvar_q, mu_p, logvar_p))
-            g, pred_state = self.predict_g(codes[:, t - 1], z, pred_state)
-            gs.append(g)
-        g = torch.stack(gs, 1).flatten(0, 1)
         # skip source for target t: frame t-1, or frozen at the last context frame past the context
         sources = torch.arange(length - 1, device=device)
         if self.skip == "last_context":
             sources = sources.clamp_max(n_past - 1)
-        picked = [s.view(batch, length, *s.shape[1:])[:, sources].flatten(0, 1) for s in skips]
-        out = self.output(self.decoder(g, picked))
-        kl = torch.stack(kls, 1) if kls else torch.zeros(batch, length - 1, device=device)
-        return {"out": out.view(batch, length - 1, *out.shape[1:]), "kl": kl}
+        fed_back = feedback > 0 and length - 1 > n_past
+        if self.variant == "cnn" and not fed_back:  # no recurrence and only true inputs: every step at once
+            g, _ = self.predict_g(codes[:, :-1].flatten(0, 1), None, None)
+            picked = [s[:, sources].flatten(0, 1) for s in skips]
+            out = self.output(self.decoder(g, picked))
+            kl = torch.zeros(batch, length - 1, device=device)
+            return {"out": out.view(batch, length - 1, *out.shape[1:]), "kl": kl, "kl_prior": kl, "kl_posterior": kl}
+        in_code, in_skips = codes[:, 0], [s[:, 0] for s in skips]   # the input frame of the current step
+        gs, outs, kls, kls_prior, kls_posterior = [], [], [], [], []
+        for t in range(1, length):
+            z = None
+            if self.stochastic:
+                mu_q, logvar_q, post_state = self.posterior(codes[:, t], post_state)
+                mu_p, logvar_p, prior_state = self.prior(in_code, prior_state)
+                noise = torch.randn(mu_q.shape, generator=generator, device=device)
+                z = mu_q + noise * (0.5 * logvar_q).exp()
+                kls.append(gaussian_kl(mu_q, logvar_q, mu_p, logvar_p))
+                # the same value with gradients to one side only (KL balancing)
+                kls_prior.append(gaussian_kl(mu_q.detach(), logvar_q.detach(), mu_p, logvar_p))
+                kls_posterior.append(gaussian_kl(mu_q, logvar_q, mu_p.detach(), logvar_p.detach()))
+            g, pred_state = self.predict_g(in_code, z, pred_state)
+            if not fed_back:  # decoded all at once after the loop
+                gs.append(g)
+                in_code = codes[:, t]
+                continue
+            source = int(sources[t - 1])
+            step_skips = in_skips if source == t - 1 else [s[:, source] for s in skips]
+            outs.append(self.output(self.decoder(g, step_skips)))
+            in_code, in_skips = codes[:, t], [s[:, t] for s in skips]
+            if n_past <= t < length - 1:
+                own_code, own_skips = self.encode_feedback(outs[-1].detach())
+                use = (torch.rand(batch, generator=generator, device=device) < feedback).view(batch, 1, 1, 1)
+                in_code = torch.where(use, own_code.to(in_code.dtype), in_code)
+                in_skips = [torch.where(use, own.to(true.dtype), true) for own, true in zip(own_skips, in_skips)]
+        if fed_back:
+            out = torch.stack(outs, 1)
+        else:
+            g = torch.stack(gs, 1).flatten(0, 1)
+            picked = [s[:, sources].flatten(0, 1) for s in skips]
+            out = self.output(self.decoder(g, picked))
+            out = out.view(batch, length - 1, *out.shape[1:])
+        zeros = torch.zeros(batch, length - 1, device=device)
+        stack = lambda values: torch.stack(values, 1) if values else zeros  # noqa: E731
+        return {"out": out, "kl": stack(kls), "kl_prior": stack(kls_prior), "kl_posterior": stack(kls_posterior)}
+
+    def encode_feedback(self, out: torch.Tensor):
+        """What a prediction feeds back at rollout, encoded: out is output()'s form (log-probabilities or
+        RGB in [-1, 1]); the argmax one-hot (svg, lstm, cnn), the softmax (soft) or the RGB frame (rgb)."""
+        if self.variant == "rgb":
+            return self.encoder(out.contiguous(memory_format=self.memory_format))
+        if self.variant == "soft":
+            return self.encoder(out.exp().contiguous(memory_format=self.memory_format))
+        return self.encode_frames(out.argmax(1).to(torch.uint8))
 
     # ------------------------------------------------------------------ step API (rollout)
 

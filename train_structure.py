@@ -99,6 +99,14 @@ def kl_weight(cfg, step: int | None) -> float:
     return s.beta * min(1.0, step / s.kl_warmup)
 
 
+def feedback_probability(cfg, step: int) -> float:
+    """structure.scheduled_sampling, ramped linearly from 0 over structure.scheduled_sampling_ramp steps."""
+    s = cfg.structure
+    if s.scheduled_sampling_ramp <= 0:
+        return s.scheduled_sampling
+    return s.scheduled_sampling * min(1.0, step / s.scheduled_sampling_ramp)
+
+
 def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ignore_index: int,
               step: int | None = None) -> dict:
     """Sum over steps of (per-step reconstruction + beta * KL); also the per-step means for logging.
@@ -118,7 +126,11 @@ def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ig
         recon = per_step_sum / per_step_count                                  # (T-1,)
     kl = result["kl"].mean(0)                                                  # (T-1,)
     # free nats: no KL pressure below the floor per frame, so the posterior may carry that much information
-    penalised = result["kl"].clamp_min(s.free_nats).mean(0) if s.free_nats > 0 else kl
+    floor = (lambda v: v.clamp_min(s.free_nats)) if s.free_nats > 0 else (lambda v: v)  # noqa: E731
+    if s.kl_balance > 0:  # the prior always learns to match the posterior; only the posterior side is floored
+        penalised = (s.kl_balance * result["kl_prior"] + (1 - s.kl_balance) * floor(result["kl_posterior"])).mean(0)
+    else:
+        penalised = floor(result["kl"]).mean(0)
     loss = recon.sum() + kl_weight(cfg, step) * penalised.sum()
     return {"loss": loss, "nll": recon.detach().mean(), "kl": kl.detach().mean()}
 
@@ -197,6 +209,8 @@ def check_config(cfg, world_size: int) -> None:
     s = cfg.structure
     checks = [(s.n_past >= 1, "structure.n_past must be >= 1"), (s.n_future >= 1, "structure.n_future must be >= 1"),
               (s.stride >= 1, "structure.stride must be >= 1"), (s.iterations >= 0, "structure.iterations must be >= 0"),
+              (0 <= s.kl_balance < 1, f"structure.kl_balance must be in [0, 1), got {s.kl_balance!r}"),
+              (0 <= s.scheduled_sampling <= 1, f"structure.scheduled_sampling must be in [0, 1], got {s.scheduled_sampling!r}"),
               (s.rgb_loss in ("l1", "l2"), f"structure.rgb_loss must be l1 or l2, got {s.rgb_loss!r}"),
               (s.sample_format in ("gif", "mp4"), f"structure.sample_format must be gif or mp4, got {s.sample_format!r}"),
               (len(s.adam_betas) == 2, f"structure.adam_betas must be [beta1, beta2], got {s.adam_betas!r}"),
@@ -285,7 +299,7 @@ def main(argv=None) -> dict:
         while step < s.iterations:
             frames = next(loader)[modality].to(device, non_blocking=True)
             with common.autocast(device, cfg.run.precision):
-                result = trained(frames, s.n_past)
+                result = trained(frames, s.n_past, feedback=feedback_probability(cfg, step))
             losses = clip_loss(model, result, frames, cfg, ignore_index, step)
             optimizer.zero_grad(set_to_none=True)
             if common.loss_is_finite(losses["loss"], step, cfg.run.on_nonfinite):

@@ -151,6 +151,33 @@ def test_free_nats_floor_the_penalised_kl_but_not_the_logged_one():
     assert result["kl"].grad.tolist() == [[0.0, 0.5], [0.0, 0.5]]  # no pressure below the floor
 
 
+def test_kl_balance_always_trains_the_prior_and_floors_only_the_posterior_side():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg())
+    frames = random_labels(2, 3, 32, 32)
+    result = model(frames, n_past=1)
+    assert torch.allclose(result["kl_prior"], result["kl"]) and torch.allclose(result["kl_posterior"], result["kl"])
+    # each one-sided KL reaches only its own side's parameters
+    prior_side = torch.autograd.grad(result["kl_prior"].sum(), list(model.posterior.parameters()) + list(model.prior.parameters()),
+                                     allow_unused=True, retain_graph=True)
+    n_posterior = len(list(model.posterior.parameters()))
+    assert all(g is None for g in prior_side[:n_posterior]) and all(g is not None for g in prior_side[n_posterior:])
+    posterior_side = torch.autograd.grad(result["kl_posterior"].sum(), list(model.prior.parameters()), allow_unused=True)
+    assert all(g is None for g in posterior_side)
+    # the loss: a * KL(sg q || p) + (1 - a) * max(KL(q || sg p), floor), per frame, averaged over the batch
+    kl = lambda values: torch.tensor(values, requires_grad=True)  # noqa: E731
+    parts = {"out": result["out"].detach(), "kl": kl([[0.5, 3.0], [1.0, 5.0]]), "kl_prior": kl([[0.5, 3.0], [1.0, 5.0]]),
+             "kl_posterior": kl([[0.5, 3.0], [1.0, 5.0]])}
+    cfg = tiny_cfg("structure.beta=1.0", "structure.free_nats=2.0", "structure.kl_balance=0.75")
+    losses = train_structure.clip_loss(model, parts, frames, cfg, 255)
+    losses["loss"].backward()
+    assert parts["kl_prior"].grad.tolist() == [[0.375, 0.375], [0.375, 0.375]]
+    assert parts["kl_posterior"].grad.tolist() == [[0.0, 0.125], [0.0, 0.125]]
+    assert parts["kl"].grad is None
+    with pytest.raises(common.ConfigError, match="kl_balance"):
+        train_structure.check_config(tiny_cfg("structure.kl_balance=1.0"), 1)
+
+
 def test_ddp_two_ranks_stay_identical(tiny_drive, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                str(ROOT / "train_structure.py"), *tiny_args(tiny_drive, tmp_path, "--structure.iterations=3")]
@@ -203,6 +230,45 @@ def test_step_api_matches_teacher_forcing():
                 teacher = model(clip, n_past=4)["out"][:, 3].argmax(1)
             first = model.generate(clip[:, :4], 1)[:, 0, 0]
             assert torch.equal(first, teacher.to(torch.uint8))
+
+
+def test_full_feedback_training_pass_is_the_rollout():
+    """Scheduled sampling at probability 1 feeds the model's own predictions back exactly as the rollout does:
+    for the deterministic variants every future frame of forward() equals the free-running rollout's."""
+    for variant in ("lstm", "cnn"):
+        for skip in ("previous", "last_context"):
+            torch.manual_seed(0)
+            model = build_model(tiny_cfg(f"structure.variant={variant}", f"structure.skip={skip}")).eval()
+            clip = random_labels(2, 7, 32, 32, seed=2)
+            with torch.no_grad():
+                fed = model(clip, n_past=3, feedback=1.0)["out"][:, 2:]
+                teacher = model(clip, n_past=3)["out"][:, 2:]
+            rollout = model.generate(clip[:, :3], 4)[:, 0]
+            assert torch.equal(fed.argmax(2).to(torch.uint8), rollout), (variant, skip)
+            assert torch.allclose(fed[:, 0], teacher[:, 0], atol=1e-5)        # the first future frame: a true input
+            if skip == "previous":  # later ones: the model's own (an untrained net hardly sees the code alone)
+                assert (fed[:, 1:] - teacher[:, 1:]).abs().amax() > 1e-2
+
+
+def test_scheduled_sampling_mixes_per_clip_and_trains_every_part():
+    cfg = tiny_cfg("structure.scheduled_sampling=0.5", "structure.scheduled_sampling_ramp=10")
+    assert train_structure.feedback_probability(cfg, 5) == pytest.approx(0.25)
+    assert train_structure.feedback_probability(cfg, 50) == pytest.approx(0.5)
+    with pytest.raises(common.ConfigError, match="scheduled_sampling"):
+        train_structure.check_config(tiny_cfg("structure.scheduled_sampling=1.5"), 1)
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("structure.variant=lstm"))  # no latent: the clip draws are all that is random
+    clip = random_labels(8, 6, 32, 32, seed=3)
+    draw = lambda p: model(clip, n_past=3, generator=torch.Generator().manual_seed(0), feedback=p)["out"]  # noqa: E731
+    teacher, half, full = draw(0.0), draw(0.5), draw(1.0)
+    # the first two targets have true inputs in every case; later, about half the clips see their own frames
+    assert torch.allclose(teacher[:, :3], half[:, :3], atol=1e-5) and torch.allclose(teacher[:, :3], full[:, :3], atol=1e-5)
+    own = [not torch.allclose(half[b, 3:], teacher[b, 3:], atol=1e-5) for b in range(8)]
+    assert 0 < sum(own) < 8
+    model = build_model(cfg)
+    losses = train_structure.clip_loss(model, model(clip, n_past=3, feedback=1.0), clip, cfg, 255)
+    losses["loss"].backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 def test_samples_are_batched_and_skip_mode_freezes_skips():
