@@ -121,9 +121,12 @@ def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ig
         targets = targets.long()
         nll = F.nll_loss(out.flatten(0, 1), targets.flatten(0, 1), ignore_index=ignore_index, reduction="none")
         valid = (targets != ignore_index).flatten(0, 1)
-        per_step_sum = nll.flatten(1).sum(1).view(out.shape[:2]).sum(0)
         per_step_count = valid.flatten(1).sum(1).view(out.shape[:2]).sum(0).clamp_min(1)
-        recon = per_step_sum / per_step_count                                  # (T-1,)
+        per_step_mean = lambda v: v.flatten(1).sum(1).view(out.shape[:2]).sum(0) / per_step_count  # noqa: E731
+        recon = per_step_mean(nll)                                             # (T-1,)
+        if s.change_weight != 1:  # pixels whose label changes from the previous true frame weigh more
+            changed = (targets != frames[:, :-1].long()).flatten(0, 1)
+            weighted = per_step_mean(nll * (1 + (s.change_weight - 1) * changed))
     kl = result["kl"].mean(0)                                                  # (T-1,)
     # free nats: no KL pressure below the floor per frame, so the posterior may carry that much information
     floor = (lambda v: v.clamp_min(s.free_nats)) if s.free_nats > 0 else (lambda v: v)  # noqa: E731
@@ -131,7 +134,8 @@ def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ig
         penalised = (s.kl_balance * result["kl_prior"] + (1 - s.kl_balance) * floor(result["kl_posterior"])).mean(0)
     else:
         penalised = floor(result["kl"]).mean(0)
-    loss = recon.sum() + kl_weight(cfg, step) * penalised.sum()
+    loss = (weighted if model.variant != "rgb" and s.change_weight != 1 else recon).sum() \
+        + kl_weight(cfg, step) * penalised.sum()
     return {"loss": loss, "nll": recon.detach().mean(), "kl": kl.detach().mean()}
 
 
@@ -149,6 +153,11 @@ def miou(pred: torch.Tensor, truth: torch.Tensor, num_classes: int) -> float:
     union = conf.sum(0) + conf.sum(1) - inter
     present = union > 0
     return float((inter[present] / union[present]).mean()) if present.any() else float("nan")
+
+
+def changed_fraction(frames: torch.Tensor) -> float:
+    """Fraction of pixels whose label changes from one frame to the next, frames (B, T, H, W)."""
+    return float((frames[:, 1:] != frames[:, :-1]).float().mean())
 
 
 @torch.no_grad()
@@ -173,6 +182,11 @@ def validate(model: StructureModel, batch: torch.Tensor, cfg, ignore_index: int,
         metrics.update(miou_teacher=miou(teacher, batch[:, n_past:n_past + n_future], model.num_classes),
                        miou_free=miou(predicted, truth, model.num_classes),
                        miou_copy_last=miou(copy_last, truth, model.num_classes))
+        if s.val_motion_frames > 0:  # a rollout that settles into a fixed point stops changing: measure it
+            long = model.generate(batch[:, :n_past], s.val_motion_frames, 1, generator)[:, 0]
+            late = long[:, -max(2, s.val_motion_frames // 4):]
+            metrics.update(motion_free_late=changed_fraction(late),
+                           motion_truth=changed_fraction(batch[:, n_past - 1:n_past + s.val_future]))
     model.train()
     return metrics
 
@@ -209,6 +223,8 @@ def check_config(cfg, world_size: int) -> None:
     s = cfg.structure
     checks = [(s.n_past >= 1, "structure.n_past must be >= 1"), (s.n_future >= 1, "structure.n_future must be >= 1"),
               (s.stride >= 1, "structure.stride must be >= 1"), (s.iterations >= 0, "structure.iterations must be >= 0"),
+              (s.change_weight >= 1 and (s.change_weight == 1 or s.variant != "rgb"),
+               f"structure.change_weight must be >= 1 (and 1 for variant rgb), got {s.change_weight!r}"),
               (0 <= s.kl_balance < 1, f"structure.kl_balance must be in [0, 1), got {s.kl_balance!r}"),
               (0 <= s.scheduled_sampling <= 1, f"structure.scheduled_sampling must be in [0, 1], got {s.scheduled_sampling!r}"),
               (s.rgb_loss in ("l1", "l2"), f"structure.rgb_loss must be l1 or l2, got {s.rgb_loss!r}"),

@@ -22,6 +22,7 @@ TINY = ["--run.kernel_backend=torch", "--structure.width_mult=0.125", "--structu
         "--structure.h_channels=16", "--structure.z_channels=8", "--structure.n_past=3", "--structure.n_future=3",
         "--structure.stride=1", "--structure.batch_size=4", "--structure.lr=0.002", "--structure.val_clips=2",
         "--structure.sample_clips=1", "--structure.sample_future=4", "--structure.val_future=3",
+        "--structure.val_motion_frames=8",
         "--structure.log_every=1", "--structure.eval_every=1000", "--structure.ckpt_every=1000"]
 
 
@@ -106,6 +107,7 @@ def test_training_reduces_loss_and_writes_outputs(tiny_drive, tmp_path):
     assert (run_dir / "samples" / "step0000030.gif").is_file()
     step, metrics = result["history"]["val"][-1]
     assert step == 30 and 0 <= metrics["miou_free"] <= 1 and 0 <= metrics["miou_copy_last"] <= 1
+    assert 0 <= metrics["motion_free_late"] <= 1 and 0 < metrics["motion_truth"] <= 1  # synthetic drives move
 
 
 @pytest.mark.parametrize("variant", ["lstm", "cnn", "soft", "rgb"])
@@ -149,6 +151,22 @@ def test_free_nats_floor_the_penalised_kl_but_not_the_logged_one():
     assert (floored["loss"] - plain["loss"]).item() == pytest.approx(6.0 - 4.75)
     floored["loss"].backward()
     assert result["kl"].grad.tolist() == [[0.0, 0.5], [0.0, 0.5]]  # no pressure below the floor
+
+
+def test_change_weight_weighs_changed_pixels_and_logs_the_plain_nll():
+    model = build_model(tiny_cfg())
+    frames = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    frames[:, 1, :8] = 1        # step 1: a quarter of the pixels change; step 2: an eighth change back
+    frames[:, 2, :4] = 1
+    result = {"out": torch.zeros(2, 2, 19, 32, 32).log_softmax(2), "kl": torch.zeros(2, 2)}
+    plain = train_structure.clip_loss(model, result, frames, tiny_cfg("structure.beta=0"), 255)
+    heavy = train_structure.clip_loss(model, result, frames, tiny_cfg("structure.beta=0", "structure.change_weight=5"), 255)
+    log19 = torch.log(torch.tensor(19.0)).item()
+    assert plain["loss"].item() == pytest.approx(2 * log19, rel=1e-5)
+    assert heavy["loss"].item() == pytest.approx(log19 * ((1 + 4 * 0.25) + (1 + 4 * 0.125)), rel=1e-5)
+    assert heavy["nll"] == plain["nll"]
+    with pytest.raises(common.ConfigError, match="change_weight"):
+        train_structure.check_config(tiny_cfg("structure.variant=rgb", "structure.change_weight=2"), 1)
 
 
 def test_kl_balance_always_trains_the_prior_and_floors_only_the_posterior_side():
