@@ -166,7 +166,17 @@ def test_change_weight_weighs_changed_pixels_and_logs_the_plain_nll():
     assert heavy["loss"].item() == pytest.approx(log19 * ((1 + 4 * 0.25) + (1 + 4 * 0.125)), rel=1e-5)
     assert heavy["nll"] == plain["nll"]
     with pytest.raises(common.ConfigError, match="change_weight"):
-        train_structure.check_config(tiny_cfg("structure.variant=rgb", "structure.change_weight=2"), 1)
+        train_structure.check_config(tiny_cfg("structure.change_weight=0.5"), 1)
+    # rgb: a pixel counts as changed when any channel does
+    rgb = torch.zeros(1, 2, 3, 4, 4, dtype=torch.uint8)
+    rgb[0, 1, 2, :2] = 255                                   # 8 of 16 pixels change (blue channel)
+    rgb_model = build_model(tiny_cfg("structure.variant=rgb"))
+    result = {"out": torch.zeros(1, 1, 3, 4, 4), "kl": torch.zeros(1, 1)}
+    cfg = lambda *o: tiny_cfg("structure.variant=rgb", "structure.beta=0", "structure.rgb_loss=l1", *o)  # noqa: E731
+    plain = train_structure.clip_loss(rgb_model, result, rgb, cfg(), 255)["loss"].item()
+    heavy = train_structure.clip_loss(rgb_model, result, rgb, cfg("structure.change_weight=3"), 255)["loss"].item()
+    # |out - target| is 1 everywhere (targets -1 or +1); the 8 changed pixels weigh 3 in all three channels
+    assert plain == pytest.approx(1.0) and heavy == pytest.approx((8 * 3 * 3 + 8 * 3) / 48)
 
 
 def test_kl_balance_always_trains_the_prior_and_floors_only_the_posterior_side():
