@@ -159,7 +159,7 @@ def test_change_weight_weighs_changed_pixels_and_logs_the_plain_nll():
     frames[:, 1, :8] = 1        # step 1: a quarter of the pixels change; step 2: an eighth change back
     frames[:, 2, :4] = 1
     result = {"out": torch.zeros(2, 2, 19, 32, 32).log_softmax(2), "kl": torch.zeros(2, 2)}
-    plain = train_structure.clip_loss(model, result, frames, tiny_cfg("structure.beta=0"), 255)
+    plain = train_structure.clip_loss(model, result, frames, tiny_cfg("structure.beta=0", "structure.change_weight=1"), 255)
     heavy = train_structure.clip_loss(model, result, frames, tiny_cfg("structure.beta=0", "structure.change_weight=5"), 255)
     log19 = torch.log(torch.tensor(19.0)).item()
     assert plain["loss"].item() == pytest.approx(2 * log19, rel=1e-5)
@@ -173,7 +173,7 @@ def test_change_weight_weighs_changed_pixels_and_logs_the_plain_nll():
     rgb_model = build_model(tiny_cfg("structure.variant=rgb"))
     result = {"out": torch.zeros(1, 1, 3, 4, 4), "kl": torch.zeros(1, 1)}
     cfg = lambda *o: tiny_cfg("structure.variant=rgb", "structure.beta=0", "structure.rgb_loss=l1", *o)  # noqa: E731
-    plain = train_structure.clip_loss(rgb_model, result, rgb, cfg(), 255)["loss"].item()
+    plain = train_structure.clip_loss(rgb_model, result, rgb, cfg("structure.change_weight=1"), 255)["loss"].item()
     heavy = train_structure.clip_loss(rgb_model, result, rgb, cfg("structure.change_weight=3"), 255)["loss"].item()
     # |out - target| is 1 everywhere (targets -1 or +1); the 8 changed pixels weigh 3 in all three channels
     assert plain == pytest.approx(1.0) and heavy == pytest.approx((8 * 3 * 3 + 8 * 3) / 48)
