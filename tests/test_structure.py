@@ -112,8 +112,11 @@ def test_training_reduces_loss_and_writes_outputs(tiny_drive, tmp_path):
 
 @pytest.mark.parametrize("variant", ["lstm", "cnn", "soft", "rgb"])
 def test_ablation_variants_train_and_generate(tiny_drive, tmp_path, variant):
+    # with every optional training trick on, so that each variant's fed-back path runs in the loop
     result = train_structure.main(tiny_args(tiny_drive, tmp_path, f"--structure.variant={variant}",
-                                            "--structure.iterations=2"))
+                                            "--structure.iterations=2", "--structure.scheduled_sampling=1",
+                                            "--structure.change_weight=3", "--structure.kl_balance=0.8",
+                                            "--structure.free_nats=1", "--structure.kl_warmup=2"))
     model = result["model"].eval()
     assert all(torch.isfinite(torch.tensor(v)) for _, v in result["history"]["train_loss"])
     if variant in ("lstm", "cnn"):
