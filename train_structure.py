@@ -9,6 +9,8 @@
 Objective (paper eq. 1) per training clip of T frames, teacher forced (true frames in, z from the
 posterior): sum over t = 1..T-1 of NLL(s_t) (mean over pixels) + beta * KL(q(z_t) || p(z_t)) (summed over
 latent elements, mean over the batch). Ablations: structure.variant = lstm | cnn | soft | rgb.
+Optional, off by default (docs/cpu_structure_runs.md): kl_warmup, free_nats, kl_balance (the KL term),
+change_weight (NLL weight of changing pixels) and scheduled_sampling (own predictions fed back).
 Outputs in RUN_DIR/structure/: last.pt (+ last.yaml), samples/*.gif (context | prediction | truth),
 loss.png, log.txt. The model classes and the rollout step API live in structure_model.py.
 """
@@ -109,8 +111,9 @@ def feedback_probability(cfg, step: int) -> float:
 
 def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ignore_index: int,
               step: int | None = None) -> dict:
-    """Sum over steps of (per-step reconstruction + beta * KL); also the per-step means for logging.
-    `step` (training) applies the KL warm-up; without it the full beta is used (validation)."""
+    """Sum over steps of (per-step reconstruction + beta * KL); also the per-step means for logging (the
+    plain reconstruction, whatever change_weight is). `step` (training) applies the KL warm-up; without
+    it the full beta is used (validation)."""
     s = cfg.structure
     out, targets = result["out"], frames[:, 1:]
     if model.variant == "rgb":
