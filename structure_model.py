@@ -290,19 +290,15 @@ class StructureModel(nn.Module):
         pred_state = (self.predictor.zero_state(batch, latent_h, latent_w, device, self.memory_format)
                       if self.variant != "cnn" else None)
         # skip source for target t: frame t-1, or frozen at the last context frame past the context
-        sources = torch.arange(length - 1, device=device)
-        if self.skip == "last_context":
-            sources = sources.clamp_max(n_past - 1)
+        sources = [min(t, n_past - 1) if self.skip == "last_context" else t for t in range(length - 1)]
         fed_back = feedback > 0 and length - 1 > n_past
-        if self.variant == "cnn" and not fed_back:  # no recurrence and only true inputs: every step at once
-            g, _ = self.predict_g(codes[:, :-1].flatten(0, 1), None, None)
-            picked = [s[:, sources].flatten(0, 1) for s in skips]
-            out = self.output(self.decoder(g, picked))
-            kl = torch.zeros(batch, length - 1, device=device)
-            return {"out": out.view(batch, length - 1, *out.shape[1:]), "kl": kl, "kl_prior": kl, "kl_posterior": kl}
         in_code, in_skips = codes[:, 0], [s[:, 0] for s in skips]   # the input frame of the current step
         gs, outs, kls, kls_prior, kls_posterior = [], [], [], [], []
-        for t in range(1, length):
+        all_at_once = self.variant == "cnn" and not fed_back  # no recurrence and only true inputs
+        if all_at_once:
+            g, _ = self.predict_g(codes[:, :-1].flatten(0, 1), None, None)
+            gs = list(g.view(batch, length - 1, *g.shape[1:]).unbind(1))
+        for t in range(1, 1 if all_at_once else length):
             z = None
             if self.stochastic:
                 mu_q, logvar_q, post_state = self.posterior(codes[:, t], post_state)
@@ -318,12 +314,13 @@ class StructureModel(nn.Module):
                 gs.append(g)
                 in_code = codes[:, t]
                 continue
-            source = int(sources[t - 1])
+            source = sources[t - 1]
             step_skips = in_skips if source == t - 1 else [s[:, source] for s in skips]
-            outs.append(self.output(self.decoder(g, step_skips)))
+            raw = self.decoder(g, step_skips).float()
+            outs.append(self.output(raw))
             in_code, in_skips = codes[:, t], [s[:, t] for s in skips]
             if n_past <= t < length - 1:
-                own_code, own_skips = self.encode_feedback(outs[-1].detach())
+                own_code, own_skips = self.encode_input(*self.fed_back(raw.detach()))
                 use = (torch.rand(batch, generator=generator, device=device) < feedback).view(batch, 1, 1, 1)
                 in_code = torch.where(use, own_code.to(in_code.dtype), in_code)
                 in_skips = [torch.where(use, own.to(true.dtype), true) for own, true in zip(own_skips, in_skips)]
@@ -338,14 +335,22 @@ class StructureModel(nn.Module):
         stack = lambda values: torch.stack(values, 1) if values else zeros  # noqa: E731
         return {"out": out, "kl": stack(kls), "kl_prior": stack(kls_prior), "kl_posterior": stack(kls_posterior)}
 
-    def encode_feedback(self, out: torch.Tensor):
-        """What a prediction feeds back at rollout, encoded: out is output()'s form (log-probabilities or
-        RGB in [-1, 1]); the argmax one-hot (svg, lstm, cnn), the softmax (soft) or the RGB frame (rgb)."""
+    def fed_back(self, raw: torch.Tensor):
+        """What a prediction feeds back, from the decoder's fp32 output: (frames, None) with the argmax indices
+        (svg, lstm, cnn; uint8), or (None, x) with the softmax (soft) or the RGB frame in [-1, 1] (rgb).
+        The rollout step and scheduled sampling in training both use it; encode_input() encodes it."""
         if self.variant == "rgb":
-            return self.encoder(out.contiguous(memory_format=self.memory_format))
+            return None, torch.tanh(raw)
         if self.variant == "soft":
-            return self.encoder(out.exp().contiguous(memory_format=self.memory_format))
-        return self.encode_frames(out.argmax(1).to(torch.uint8))
+            return None, torch.softmax(raw, 1)
+        index, _ = kernels.argmax_onehot(raw, with_onehot=False)
+        return index, None
+
+    def encode_input(self, frames: torch.Tensor | None = None, x: torch.Tensor | None = None):
+        """Encoder on uint8 frames (labels or RGB, as encode_frames) or on a float input x (softmax, RGB)."""
+        if frames is not None:
+            return self.encode_frames(frames)
+        return self.encoder(x.contiguous(memory_format=self.memory_format))
 
     # ------------------------------------------------------------------ step API (rollout)
 
@@ -393,8 +398,7 @@ class StructureModel(nn.Module):
 
     def _encode_into(self, state: RolloutState, frames=None, x=None, update_skips=True):
         """Encode true/argmax frames (uint8) or a float feedback x (softmax, RGB) into the state's code/skips."""
-        code, skips = self.encode_frames(frames) if frames is not None else \
-            self.encoder(x.contiguous(memory_format=self.memory_format))
+        code, skips = self.encode_input(frames, x)
         state.code.copy_(code)
         if update_skips:
             _assign(state.skips, skips)
@@ -440,16 +444,12 @@ class StructureModel(nn.Module):
             raise RuntimeError("step: observe at least one context frame first")
         g = self._advance(state, None, generator)
         raw = self.decoder(g, state.skips).float()
-        update_skips = self.skip == "previous"
+        index, x = self.fed_back(raw)
+        self._encode_into(state, frames=index, x=x, update_skips=self.skip == "previous")
         if self.variant == "rgb":
-            rgb = torch.tanh(raw)
-            self._encode_into(state, x=rgb, update_skips=update_skips)
-            return ((rgb + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+            return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
         if self.variant == "soft":
-            self._encode_into(state, x=torch.softmax(raw, 1), update_skips=update_skips)
             return raw.argmax(1).to(torch.uint8)
-        index, _ = kernels.argmax_onehot(raw, with_onehot=False)
-        self._encode_into(state, frames=index, update_skips=update_skips)
         return index
 
     @torch.inference_mode()

@@ -119,7 +119,7 @@ def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ig
     if model.variant == "rgb":
         diff = out - (targets.float() / 127.5 - 1)
         per_pixel = diff.abs() if s.rgb_loss == "l1" else diff.square()
-        recon = per_pixel.flatten(2).mean(2).mean(0)                          # (T-1,)
+        recon = weighted = per_pixel.flatten(2).mean(2).mean(0)               # (T-1,)
         if s.change_weight != 1:
             changed = (targets != frames[:, :-1]).any(2, keepdim=True)
             weighted = (per_pixel * (1 + (s.change_weight - 1) * changed)).flatten(2).mean(2).mean(0)
@@ -129,7 +129,7 @@ def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ig
         valid = (targets != ignore_index).flatten(0, 1)
         per_step_count = valid.flatten(1).sum(1).view(out.shape[:2]).sum(0).clamp_min(1)
         per_step_mean = lambda v: v.flatten(1).sum(1).view(out.shape[:2]).sum(0) / per_step_count  # noqa: E731
-        recon = per_step_mean(nll)                                             # (T-1,)
+        recon = weighted = per_step_mean(nll)                                  # (T-1,)
         if s.change_weight != 1:  # pixels that change from the previous true frame weigh more: against argmax
             # rollouts settling into a fixed point, where every small per-step change loses to "stay"
             changed = (targets != frames[:, :-1].long()).flatten(0, 1)
@@ -141,7 +141,7 @@ def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ig
         penalised = (s.kl_balance * result["kl_prior"] + (1 - s.kl_balance) * floor(result["kl_posterior"])).mean(0)
     else:
         penalised = floor(result["kl"]).mean(0)
-    loss = (weighted if s.change_weight != 1 else recon).sum() + kl_weight(cfg, step) * penalised.sum()
+    loss = weighted.sum() + kl_weight(cfg, step) * penalised.sum()
     return {"loss": loss, "nll": recon.detach().mean(), "kl": kl.detach().mean()}
 
 

@@ -249,36 +249,38 @@ def test_mismatched_checkpoint_is_refused(tiny_drive, tmp_path):
 
 # ----------------------------------------------------------------------------- rollout step API
 
-def test_step_api_matches_teacher_forcing():
-    """Deterministic variants: the first free-running frame equals the teacher-forced prediction of the same
-    frame (same context), for both skip modes; the step API and forward() compute the same model."""
+def deterministic_models():
+    """(skip mode, untrained eval model) for the variants without a latent, lstm and cnn, in both skip modes."""
     for variant in ("lstm", "cnn"):
         for skip in ("previous", "last_context"):
             torch.manual_seed(0)
-            model = build_model(tiny_cfg(f"structure.variant={variant}", f"structure.skip={skip}")).eval()
-            clip = random_labels(2, 5, 32, 32, seed=1)
-            with torch.no_grad():
-                teacher = model(clip, n_past=4)["out"][:, 3].argmax(1)
-            first = model.generate(clip[:, :4], 1)[:, 0, 0]
-            assert torch.equal(first, teacher.to(torch.uint8))
+            yield skip, build_model(tiny_cfg(f"structure.variant={variant}", f"structure.skip={skip}")).eval()
+
+
+def test_step_api_matches_teacher_forcing():
+    """Deterministic variants: the first free-running frame equals the teacher-forced prediction of the same
+    frame (same context), for both skip modes; the step API and forward() compute the same model."""
+    for _, model in deterministic_models():
+        clip = random_labels(2, 5, 32, 32, seed=1)
+        with torch.no_grad():
+            teacher = model(clip, n_past=4)["out"][:, 3].argmax(1)
+        first = model.generate(clip[:, :4], 1)[:, 0, 0]
+        assert torch.equal(first, teacher.to(torch.uint8))
 
 
 def test_full_feedback_training_pass_is_the_rollout():
     """Scheduled sampling at probability 1 feeds the model's own predictions back exactly as the rollout does:
     for the deterministic variants every future frame of forward() equals the free-running rollout's."""
-    for variant in ("lstm", "cnn"):
-        for skip in ("previous", "last_context"):
-            torch.manual_seed(0)
-            model = build_model(tiny_cfg(f"structure.variant={variant}", f"structure.skip={skip}")).eval()
-            clip = random_labels(2, 7, 32, 32, seed=2)
-            with torch.no_grad():
-                fed = model(clip, n_past=3, feedback=1.0)["out"][:, 2:]
-                teacher = model(clip, n_past=3)["out"][:, 2:]
-            rollout = model.generate(clip[:, :3], 4)[:, 0]
-            assert torch.equal(fed.argmax(2).to(torch.uint8), rollout), (variant, skip)
-            assert torch.allclose(fed[:, 0], teacher[:, 0], atol=1e-5)        # the first future frame: a true input
-            if skip == "previous":  # later ones: the model's own (an untrained net hardly sees the code alone)
-                assert (fed[:, 1:] - teacher[:, 1:]).abs().amax() > 1e-2
+    for skip, model in deterministic_models():
+        clip = random_labels(2, 7, 32, 32, seed=2)
+        with torch.no_grad():
+            fed = model(clip, n_past=3, feedback=1.0)["out"][:, 2:]
+            teacher = model(clip, n_past=3)["out"][:, 2:]
+        rollout = model.generate(clip[:, :3], 4)[:, 0]
+        assert torch.equal(fed.argmax(2).to(torch.uint8), rollout), (model.variant, skip)
+        assert torch.allclose(fed[:, 0], teacher[:, 0], atol=1e-5)        # the first future frame: a true input
+        if skip == "previous":  # later ones: the model's own (an untrained net hardly sees the code alone)
+            assert (fed[:, 1:] - teacher[:, 1:]).abs().amax() > 1e-2
 
 
 def test_scheduled_sampling_mixes_per_clip_and_trains_every_part():
