@@ -10,7 +10,8 @@ Objective (paper eq. 1) per training clip of T frames, teacher forced (true fram
 posterior): sum over t = 1..T-1 of NLL(s_t) (mean over pixels) + beta * KL(q(z_t) || p(z_t)) (summed over
 latent elements, mean over the batch). Ablations: structure.variant = lstm | cnn | soft | rgb.
 Optional, off by default (docs/cpu_structure_runs.md): kl_warmup, free_nats, kl_balance (the KL term),
-change_weight (NLL weight of changing pixels) and scheduled_sampling (own predictions fed back).
+change_weight (NLL weight of changing pixels) and scheduled_sampling (own predictions fed back), both
+after a first plain_fraction of the budget trained with the paper's objective.
 Outputs in RUN_DIR/structure/: last.pt (+ last.yaml), samples/*.gif (context | prediction | truth),
 loss.png, log.txt. The model classes and the rollout step API live in structure_model.py.
 """
@@ -102,27 +103,51 @@ def kl_weight(cfg, step: int | None) -> float:
 
 
 def feedback_probability(cfg, step: int) -> float:
-    """structure.scheduled_sampling, ramped linearly from 0 over structure.scheduled_sampling_ramp steps."""
+    """structure.scheduled_sampling, ramped linearly from 0 over structure.scheduled_sampling_ramp steps
+    (`step` counts from where the options switch on, see training_options)."""
     s = cfg.structure
     if s.scheduled_sampling_ramp <= 0:
         return s.scheduled_sampling
     return s.scheduled_sampling * min(1.0, step / s.scheduled_sampling_ramp)
 
 
+def plain_phase_over(cfg, step: int, seconds: float, device) -> bool:
+    """Whether structure.plain_fraction of the budget is used: of structure.iterations, or of
+    structure.max_minutes (the wall time of this process) when that is set and runs out sooner. The wall
+    clock is read every log_every steps, and any rank's clock switches all ranks, so they stay in step."""
+    s = cfg.structure
+    if step >= s.plain_fraction * s.iterations:
+        return True
+    if s.max_minutes <= 0 or step % s.log_every:
+        return False
+    over = torch.tensor([float(seconds >= 60 * s.max_minutes * s.plain_fraction)], device=device)
+    return bool(common.all_reduce_mean(over) > 0)
+
+
+def training_options(cfg, step: int, options_from: int | None) -> tuple[float, float]:
+    """(change_weight, scheduled-sampling probability) at a training step. options_from is the step at
+    which the plain phase ended (None while it lasts): before it the paper's plain objective, teacher
+    forced; from it the configured options, the sampling ramp counted from there."""
+    if options_from is None:
+        return 1.0, 0.0
+    return cfg.structure.change_weight, feedback_probability(cfg, step - options_from)
+
+
 def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ignore_index: int,
-              step: int | None = None) -> dict:
+              step: int | None = None, change_weight: float | None = None) -> dict:
     """Sum over steps of (per-step reconstruction + beta * KL); also the per-step means for logging (the
     plain reconstruction, whatever change_weight is). `step` (training) applies the KL warm-up; without
-    it the full beta is used (validation)."""
+    it the full beta is used (validation). change_weight: None = structure.change_weight."""
     s = cfg.structure
+    change_weight = s.change_weight if change_weight is None else change_weight
     out, targets = result["out"], frames[:, 1:]
     if model.variant == "rgb":
         diff = out - (targets.float() / 127.5 - 1)
         per_pixel = diff.abs() if s.rgb_loss == "l1" else diff.square()
         recon = weighted = per_pixel.flatten(2).mean(2).mean(0)               # (T-1,)
-        if s.change_weight != 1:
+        if change_weight != 1:
             changed = (targets != frames[:, :-1]).any(2, keepdim=True)
-            weighted = (per_pixel * (1 + (s.change_weight - 1) * changed)).flatten(2).mean(2).mean(0)
+            weighted = (per_pixel * (1 + (change_weight - 1) * changed)).flatten(2).mean(2).mean(0)
     else:
         targets = targets.long()
         nll = F.nll_loss(out.flatten(0, 1), targets.flatten(0, 1), ignore_index=ignore_index, reduction="none")
@@ -130,10 +155,10 @@ def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ig
         per_step_count = valid.flatten(1).sum(1).view(out.shape[:2]).sum(0).clamp_min(1)
         per_step_mean = lambda v: v.flatten(1).sum(1).view(out.shape[:2]).sum(0) / per_step_count  # noqa: E731
         recon = weighted = per_step_mean(nll)                                  # (T-1,)
-        if s.change_weight != 1:  # pixels that change from the previous true frame weigh more: against argmax
+        if change_weight != 1:  # pixels that change from the previous true frame weigh more: against argmax
             # rollouts settling into a fixed point, where every small per-step change loses to "stay"
             changed = (targets != frames[:, :-1].long()).flatten(0, 1)
-            weighted = per_step_mean(nll * (1 + (s.change_weight - 1) * changed))
+            weighted = per_step_mean(nll * (1 + (change_weight - 1) * changed))
     kl = result["kl"].mean(0)                                                  # (T-1,)
     # free nats: no KL pressure below the floor per frame, so the posterior may carry that much information
     floor = (lambda v: v.clamp_min(s.free_nats)) if s.free_nats > 0 else (lambda v: v)  # noqa: E731
@@ -232,6 +257,7 @@ def check_config(cfg, world_size: int) -> None:
               (s.change_weight >= 1, f"structure.change_weight must be >= 1, got {s.change_weight!r}"),
               (0 <= s.kl_balance < 1, f"structure.kl_balance must be in [0, 1), got {s.kl_balance!r}"),
               (0 <= s.scheduled_sampling <= 1, f"structure.scheduled_sampling must be in [0, 1], got {s.scheduled_sampling!r}"),
+              (0 <= s.plain_fraction < 1, f"structure.plain_fraction must be in [0, 1), got {s.plain_fraction!r}"),
               (s.rgb_loss in ("l1", "l2"), f"structure.rgb_loss must be l1 or l2, got {s.rgb_loss!r}"),
               (s.sample_format in ("gif", "mp4"), f"structure.sample_format must be gif or mp4, got {s.sample_format!r}"),
               (len(s.adam_betas) == 2, f"structure.adam_betas must be [beta1, beta2], got {s.adam_betas!r}"),
@@ -314,14 +340,21 @@ def main(argv=None) -> dict:
 
     step, started = start_step, time.time()
     loop_start, time_up = started, False
+    if s.plain_fraction == 0:
+        history["options_from"] = 0
     model.train()
     bar = tqdm(total=s.iterations, initial=start_step, disable=not dist.is_main, dynamic_ncols=True, desc="structure")
     with common.StopSignal() as stop:
         while step < s.iterations:
+            if history.get("options_from") is None and plain_phase_over(cfg, step, time.time() - loop_start, device):
+                history["options_from"] = step  # saved in the checkpoint: a resumed run stays in this phase
+                common.log(f"step {step}: structure.plain_fraction={s.plain_fraction} of the budget used; "
+                           f"change_weight {s.change_weight}, scheduled_sampling {s.scheduled_sampling} from here")
+            change_weight, feedback = training_options(cfg, step, history.get("options_from"))
             frames = next(loader)[modality].to(device, non_blocking=True)
             with common.autocast(device, cfg.run.precision):
-                result = trained(frames, s.n_past, feedback=feedback_probability(cfg, step))
-            losses = clip_loss(model, result, frames, cfg, ignore_index, step)
+                result = trained(frames, s.n_past, feedback=feedback, feedback_gradient=s.feedback_gradient)
+            losses = clip_loss(model, result, frames, cfg, ignore_index, step, change_weight)
             optimizer.zero_grad(set_to_none=True)
             if common.loss_is_finite(losses["loss"], step, cfg.run.on_nonfinite):
                 scaler.scale(losses["loss"]).backward()
