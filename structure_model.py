@@ -270,15 +270,13 @@ class StructureModel(nn.Module):
     # ------------------------------------------------------------------ teacher forcing
 
     def forward(self, frames: torch.Tensor, n_past: int, generator: torch.Generator | None = None,
-                feedback: float = 0.0, feedback_gradient: bool = False) -> dict:
+                feedback: float = 0.0) -> dict:
         """Teacher-forced pass over a clip. frames: uint8 labels (B, T, H, W) or RGB (B, T, 3, H, W).
         Targets are frames 1..T-1, each predicted from the frames before it with z from the posterior of the
         true target. With `feedback` > 0 (scheduled sampling), each future input frame (index >= n_past) is,
         with that probability per clip, the model's own detached prediction of it fed back as at rollout
         (argmax, softmax or RGB): the model then learns to go on from its own outputs, not only from true
-        frames. With feedback_gradient those fed-back frames pass gradients back (straight through the argmax:
-        one-hot forward, softmax gradient backward), so a prediction also learns what the later steps that
-        read it need. Returns out (B, T-1, C, H, W) log-probabilities (or RGB) and kl (B, T-1), zero without a latent,
+        frames. Returns out (B, T-1, C, H, W) log-probabilities (or RGB) and kl (B, T-1), zero without a latent,
         and kl_prior / kl_posterior, the same values with gradients to one side only."""
         batch, length = frames.shape[:2]
         codes, skips = self.encode_frames(frames.flatten(0, 1))
@@ -322,8 +320,7 @@ class StructureModel(nn.Module):
             outs.append(self.output(raw))
             in_code, in_skips = codes[:, t], [s[:, t] for s in skips]
             if n_past <= t < length - 1:
-                own = self.fed_back(raw, straight_through=True) if feedback_gradient else self.fed_back(raw.detach())
-                own_code, own_skips = self.encode_input(*own)
+                own_code, own_skips = self.encode_input(*self.fed_back(raw.detach()))
                 use = (torch.rand(batch, generator=generator, device=device) < feedback).view(batch, 1, 1, 1)
                 in_code = torch.where(use, own_code.to(in_code.dtype), in_code)
                 in_skips = [torch.where(use, own.to(true.dtype), true) for own, true in zip(own_skips, in_skips)]
@@ -338,20 +335,15 @@ class StructureModel(nn.Module):
         stack = lambda values: torch.stack(values, 1) if values else zeros  # noqa: E731
         return {"out": out, "kl": stack(kls), "kl_prior": stack(kls_prior), "kl_posterior": stack(kls_posterior)}
 
-    def fed_back(self, raw: torch.Tensor, straight_through: bool = False):
+    def fed_back(self, raw: torch.Tensor):
         """What a prediction feeds back, from the decoder's fp32 output: (frames, None) with the argmax indices
         (svg, lstm, cnn; uint8), or (None, x) with the softmax (soft) or the RGB frame in [-1, 1] (rgb).
-        straight_through (training): the argmax as a one-hot x whose gradient is the softmax's.
         The rollout step and scheduled sampling in training both use it; encode_input() encodes it."""
         if self.variant == "rgb":
             return None, torch.tanh(raw)
         if self.variant == "soft":
             return None, torch.softmax(raw, 1)
         index, _ = kernels.argmax_onehot(raw, with_onehot=False)
-        if straight_through:
-            probs = torch.softmax(raw, 1)
-            onehot = F.one_hot(index.long(), raw.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
-            return None, onehot + probs - probs.detach()
         return index, None
 
     def encode_input(self, frames: torch.Tensor | None = None, x: torch.Tensor | None = None):

@@ -17,6 +17,7 @@ loss.png, log.txt. The model classes and the rollout step API live in structure_
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -111,17 +112,25 @@ def feedback_probability(cfg, step: int) -> float:
     return s.scheduled_sampling * min(1.0, step / s.scheduled_sampling_ramp)
 
 
-def plain_phase_over(cfg, step: int, seconds: float, device) -> bool:
-    """Whether structure.plain_fraction of the budget is used: of structure.iterations, or of
-    structure.max_minutes (the wall time of this process) when that is set and runs out sooner. The wall
-    clock is read every log_every steps, and any rank's clock switches all ranks, so they stay in step."""
+def budget_used(cfg, step: int, seconds: float, clock_fraction: float, device) -> tuple[float, float]:
+    """The fraction of the training budget used: of structure.iterations, or of structure.max_minutes (the
+    wall time of this process) when that is set and runs out sooner. The clock is read every log_every
+    steps (clock_fraction carries the last reading) and averaged over ranks, so every rank sees the same
+    value. Returns (fraction used, clock fraction)."""
     s = cfg.structure
-    if step >= s.plain_fraction * s.iterations:
-        return True
-    if s.max_minutes <= 0 or step % s.log_every:
-        return False
-    over = torch.tensor([float(seconds >= 60 * s.max_minutes * s.plain_fraction)], device=device)
-    return bool(common.all_reduce_mean(over) > 0)
+    if s.max_minutes > 0 and step % s.log_every == 0:
+        clock = torch.tensor([seconds / (60 * s.max_minutes)], device=device)
+        clock_fraction = float(common.all_reduce_mean(clock))
+    return max(step / max(1, s.iterations), clock_fraction), clock_fraction
+
+
+def learning_rate(cfg, used: float) -> float:
+    """structure.lr, constant or cosine-decayed to lr * lr_min over the budget (a short run ends on
+    settled weights instead of the last noisy high-rate step)."""
+    s = cfg.structure
+    if s.lr_schedule == "constant":
+        return s.lr
+    return s.lr * (s.lr_min + (1 - s.lr_min) * 0.5 * (1 + math.cos(math.pi * min(1.0, used))))
 
 
 def training_options(cfg, step: int, options_from: int | None) -> tuple[float, float]:
@@ -257,6 +266,8 @@ def check_config(cfg, world_size: int) -> None:
               (s.change_weight >= 1, f"structure.change_weight must be >= 1, got {s.change_weight!r}"),
               (0 <= s.kl_balance < 1, f"structure.kl_balance must be in [0, 1), got {s.kl_balance!r}"),
               (0 <= s.scheduled_sampling <= 1, f"structure.scheduled_sampling must be in [0, 1], got {s.scheduled_sampling!r}"),
+              (s.lr_schedule in ("constant", "cosine"), f"structure.lr_schedule must be constant or cosine, got {s.lr_schedule!r}"),
+              (0 <= s.lr_min <= 1, f"structure.lr_min must be in [0, 1], got {s.lr_min!r}"),
               (0 <= s.plain_fraction < 1, f"structure.plain_fraction must be in [0, 1), got {s.plain_fraction!r}"),
               (s.rgb_loss in ("l1", "l2"), f"structure.rgb_loss must be l1 or l2, got {s.rgb_loss!r}"),
               (s.sample_format in ("gif", "mp4"), f"structure.sample_format must be gif or mp4, got {s.sample_format!r}"),
@@ -339,21 +350,24 @@ def main(argv=None) -> dict:
             f.write(f"step {step} " + " ".join(f"{k}={v:.5f}" for k, v in metrics.items()) + "\n")
 
     step, started = start_step, time.time()
-    loop_start, time_up = started, False
+    loop_start, time_up, clock_fraction = started, False, 0.0
     if s.plain_fraction == 0:
         history["options_from"] = 0
     model.train()
     bar = tqdm(total=s.iterations, initial=start_step, disable=not dist.is_main, dynamic_ncols=True, desc="structure")
     with common.StopSignal() as stop:
         while step < s.iterations:
-            if history.get("options_from") is None and plain_phase_over(cfg, step, time.time() - loop_start, device):
+            used, clock_fraction = budget_used(cfg, step, time.time() - loop_start, clock_fraction, device)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, used)
+            if history.get("options_from") is None and used >= s.plain_fraction:
                 history["options_from"] = step  # saved in the checkpoint: a resumed run stays in this phase
                 common.log(f"step {step}: structure.plain_fraction={s.plain_fraction} of the budget used; "
                            f"change_weight {s.change_weight}, scheduled_sampling {s.scheduled_sampling} from here")
             change_weight, feedback = training_options(cfg, step, history.get("options_from"))
             frames = next(loader)[modality].to(device, non_blocking=True)
             with common.autocast(device, cfg.run.precision):
-                result = trained(frames, s.n_past, feedback=feedback, feedback_gradient=s.feedback_gradient)
+                result = trained(frames, s.n_past, feedback=feedback)
             losses = clip_loss(model, result, frames, cfg, ignore_index, step, change_weight)
             optimizer.zero_grad(set_to_none=True)
             if common.loss_is_finite(losses["loss"], step, cfg.run.on_nonfinite):

@@ -304,34 +304,26 @@ def test_scheduled_sampling_mixes_per_clip_and_trains_every_part():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def test_feedback_gradient_flows_through_the_fed_back_frames_and_leaves_the_forward_pass():
-    """Straight-through feedback: the same forward values as the detached feedback (the argmax one-hot),
-    but the loss of a later frame also reaches the predictions it read: the gradients differ."""
-    torch.manual_seed(0)
-    model = build_model(tiny_cfg("structure.variant=lstm"))
-    clip = random_labels(2, 7, 32, 32, seed=4)
-
-    def last_frame_gradient(straight_through):
-        model.zero_grad()
-        out = model(clip, n_past=3, feedback=1.0, feedback_gradient=straight_through)["out"]
-        out[:, -1, 0].sum().backward()  # any function of the last output only
-        return out.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
-
-    (detached_out, detached_grad), (through_out, through_grad) = last_frame_gradient(False), last_frame_gradient(True)
-    assert torch.allclose(detached_out, through_out, atol=1e-5)
-    assert torch.isfinite(through_grad).all()
-    assert (through_grad - detached_grad).abs().max() > 1e-5 * detached_grad.abs().max()  # ~100x float round-off
+def test_cosine_learning_rate_decays_over_the_budget():
+    constant, cosine = tiny_cfg("structure.lr=0.01"), tiny_cfg("structure.lr=0.01", "structure.lr_schedule=cosine",
+                                                               "structure.lr_min=0.1")
+    assert train_structure.learning_rate(constant, 0.7) == 0.01
+    values = [train_structure.learning_rate(cosine, u) for u in (0.0, 0.5, 1.0, 2.0)]
+    assert values == pytest.approx([0.01, 0.0055, 0.001, 0.001])
+    with pytest.raises(common.ConfigError, match="lr_schedule"):
+        train_structure.check_config(tiny_cfg("structure.lr_schedule=linear"), 1)
 
 
 def test_plain_fraction_trains_the_paper_objective_first_then_switches_the_options_on(tiny_drive, tmp_path):
     cfg = tiny_cfg("structure.plain_fraction=0.5", "structure.iterations=100", "structure.change_weight=3",
                    "structure.scheduled_sampling=0.5", "structure.scheduled_sampling_ramp=10", "structure.log_every=10")
-    assert not train_structure.plain_phase_over(cfg, 49, 0.0, "cpu") and train_structure.plain_phase_over(cfg, 50, 0.0, "cpu")
+    used = lambda c, step, seconds, last=0.0: train_structure.budget_used(c, step, seconds, last, "cpu")  # noqa: E731
+    assert used(cfg, 49, 0.0)[0] == 0.49 and used(cfg, 50, 0.0)[0] == 0.5
     timed = tiny_cfg("structure.plain_fraction=0.5", "structure.iterations=100", "structure.max_minutes=10",
                      "structure.log_every=10")
-    assert train_structure.plain_phase_over(timed, 20, 301.0, "cpu")       # half of 10 minutes, on a clock-reading step
-    assert not train_structure.plain_phase_over(timed, 20, 299.0, "cpu")
-    assert not train_structure.plain_phase_over(timed, 21, 301.0, "cpu")   # the clock is read every log_every steps
+    assert used(timed, 20, 301.0)[0] == pytest.approx(301 / 600)             # the clock, ahead of 20 / 100 steps
+    assert used(timed, 21, 400.0, 0.5)[0] == 0.5                            # read every log_every steps only
+    assert used(timed, 90, 1.0)[0] == 0.9                                   # steps, ahead of the clock
     assert train_structure.training_options(cfg, 30, None) == (1.0, 0.0)  # the plain phase: teacher forcing, weight 1
     assert train_structure.training_options(cfg, 55, 50) == (3.0, pytest.approx(0.25))  # the ramp starts at the switch
     with pytest.raises(common.ConfigError, match="plain_fraction"):
