@@ -225,7 +225,11 @@ def validate(model: StructureModel, batch: torch.Tensor, cfg, ignore_index: int,
         if s.val_motion_frames > 0:  # a rollout that settles into a fixed point stops changing: measure it
             long = model.generate(batch[:, :n_past], s.val_motion_frames, 1, generator)[:, 0]
             late = long[:, -max(2, s.val_motion_frames // 4):]
+            # the teacher-forced prediction's change from its (true) input frame: below motion_truth, each
+            # free-running step moves less than the last, the decay that ends in a fixed point
+            previous = batch[:, n_past - 1:n_past + n_future - 1]
             metrics.update(motion_free_late=changed_fraction(late),
+                           motion_teacher=float((teacher.to(previous.dtype) != previous).float().mean()),
                            motion_truth=changed_fraction(batch[:, n_past - 1:n_past + s.val_future]))
     model.train()
     return metrics

@@ -108,6 +108,7 @@ def test_training_reduces_loss_and_writes_outputs(tiny_drive, tmp_path):
     step, metrics = result["history"]["val"][-1]
     assert step == 30 and 0 <= metrics["miou_free"] <= 1 and 0 <= metrics["miou_copy_last"] <= 1
     assert 0 <= metrics["motion_free_late"] <= 1 and 0 < metrics["motion_truth"] <= 1  # synthetic drives move
+    assert 0 <= metrics["motion_teacher"] <= 1
 
 
 @pytest.mark.parametrize("variant", ["lstm", "cnn", "soft", "rgb"])
