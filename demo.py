@@ -25,8 +25,6 @@ import torch
 import common
 import data
 
-REPO = Path(__file__).resolve().parent
-
 
 def trained_steps(path: Path) -> int:
     if not path.is_file():
@@ -54,7 +52,7 @@ def train_beside(structure_argv, others, log_path: Path, threads: int) -> dict:
                f"{' '.join(structure_argv)}")
     timings, started = {"structure": 0.0}, time.perf_counter()
     with open(log_path, "ab") as log:
-        process = subprocess.Popen([sys.executable, str(REPO / "train_structure.py"), *structure_argv],
+        process = subprocess.Popen([sys.executable, str(common.ROOT / "train_structure.py"), *structure_argv],
                                    stdout=log, stderr=subprocess.STDOUT, env=env)
     torch.set_num_threads(threads - background)
     try:

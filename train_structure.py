@@ -195,9 +195,12 @@ def miou(pred: torch.Tensor, truth: torch.Tensor, num_classes: int) -> float:
     return float((inter[present] / union[present]).mean()) if present.any() else float("nan")
 
 
-def changed_fraction(frames: torch.Tensor) -> float:
-    """Fraction of pixels whose label changes from one frame to the next, frames (B, T, H, W)."""
-    return float((frames[:, 1:] != frames[:, :-1]).float().mean())
+def changed_fraction(frames: torch.Tensor, previous: torch.Tensor | None = None) -> float:
+    """Fraction of pixels whose label differs from the previous frame: frames (B, T, H, W) against
+    `previous` (the same shape), or, without it, each frame against the one before it."""
+    if previous is None:
+        frames, previous = frames[:, 1:], frames[:, :-1]
+    return float((frames.to(previous.dtype) != previous).float().mean())
 
 
 @torch.no_grad()
@@ -227,9 +230,8 @@ def validate(model: StructureModel, batch: torch.Tensor, cfg, ignore_index: int,
             late = long[:, -max(2, s.val_motion_frames // 4):]
             # the teacher-forced prediction's change from its (true) input frame: below motion_truth, each
             # free-running step moves less than the last, the decay that ends in a fixed point
-            previous = batch[:, n_past - 1:n_past + n_future - 1]
             metrics.update(motion_free_late=changed_fraction(late),
-                           motion_teacher=float((teacher.to(previous.dtype) != previous).float().mean()),
+                           motion_teacher=changed_fraction(teacher, batch[:, n_past - 1:n_past + n_future - 1]),
                            motion_truth=changed_fraction(batch[:, n_past - 1:n_past + s.val_future]))
     model.train()
     return metrics
@@ -361,13 +363,15 @@ def main(argv=None) -> dict:
     bar = tqdm(total=s.iterations, initial=start_step, disable=not dist.is_main, dynamic_ncols=True, desc="structure")
     with common.StopSignal() as stop:
         while step < s.iterations:
-            used, clock_fraction = budget_used(cfg, step, time.time() - loop_start, clock_fraction, device)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, used)
-            if history.get("options_from") is None and used >= s.plain_fraction:
-                history["options_from"] = step  # saved in the checkpoint: a resumed run stays in this phase
-                common.log(f"step {step}: structure.plain_fraction={s.plain_fraction} of the budget used; "
-                           f"change_weight {s.change_weight}, scheduled_sampling {s.scheduled_sampling} from here")
+            plain_phase = history.get("options_from") is None
+            if plain_phase or s.lr_schedule != "constant":  # only these read the budget (and the clock)
+                used, clock_fraction = budget_used(cfg, step, time.time() - loop_start, clock_fraction, device)
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(cfg, used)
+                if plain_phase and used >= s.plain_fraction:
+                    history["options_from"] = step  # saved in the checkpoint: a resumed run stays in this phase
+                    common.log(f"step {step}: structure.plain_fraction={s.plain_fraction} of the budget used; "
+                               f"change_weight {s.change_weight}, scheduled_sampling {s.scheduled_sampling} from here")
             change_weight, feedback = training_options(cfg, step, history.get("options_from"))
             frames = next(loader)[modality].to(device, non_blocking=True)
             with common.autocast(device, cfg.run.precision):
