@@ -611,7 +611,7 @@ def tile(videos: list, columns: int | None = None, pad: int = 2) -> np.ndarray:
     return grid
 
 
-def write_video(path, frames, fps: int = 10, scale: int = 1) -> Path:
+def write_video(path, frames, fps: float = 10, scale: int = 1) -> Path:
     """(T, H, W, 3) uint8 -> .mp4 (H.264 via imageio-ffmpeg) or .gif, written atomically."""
     frames = np.asarray(frames, np.uint8)
     if frames.ndim != 4 or frames.shape[-1] != 3:
@@ -619,7 +619,7 @@ def write_video(path, frames, fps: int = 10, scale: int = 1) -> Path:
     return write_video_stream(path, iter(frames), fps, scale)
 
 
-def write_video_stream(path, frames, fps: int = 10, scale: int = 1) -> Path:
+def write_video_stream(path, frames, fps: float = 10, scale: int = 1) -> Path:
     """Frames (H, W, 3) uint8 from any iterable -> .mp4 or .gif without holding the video in memory
     (MP4 streams to ffmpeg); the file appears only when complete."""
     import imageio.v2 as imageio

@@ -268,10 +268,16 @@ def _serialise(obj) -> bytes:
     return buffer.getvalue()
 
 
+def video_fps(cfg, meta: dict, stride: int) -> float:
+    """rollout.video_fps, or real time (0): one rollout frame spans `stride` frames of the dataset's fps."""
+    return cfg.rollout.video_fps or float(meta["fps"]) / stride
+
+
 def write_videos(cfg, out_dir: Path, clip_ids: list, meta: dict) -> None:
     """Per sample: colourised labels, RGB and a side-by-side grid (context frames first), streamed."""
     reader = read_rollout(out_dir)
-    fps, scale, ext = meta["fps"], cfg.rollout.video_scale, cfg.rollout.video_format
+    fps = video_fps(cfg, meta, reader.protocol["stride"])
+    scale, ext = cfg.rollout.video_scale, cfg.rollout.video_format
     palette = meta["palette"]
     for c in clip_ids:
         context = {m: reader.context(c, m) for m in reader.modalities}
@@ -305,6 +311,8 @@ def main(argv=None) -> Path:
     for key in ("frames", "samples", "clips", "chunk", "batch"):
         if r[key] < 1:
             raise common.ConfigError(f"rollout.{key} must be >= 1, got {r[key]}")
+    if r.video_fps < 0:
+        raise common.ConfigError(f"rollout.video_fps must be >= 0 (0 = real time), got {r.video_fps}")
     meta = ensure_dataset(cfg)
     pipeline = Pipeline.from_checkpoints(cfg, dist.device)
     if pipeline.image is not None and r.n_past < pipeline.tau:

@@ -167,7 +167,7 @@ def validate(generator: ImageGenerator, val_batch: dict, cfg, device) -> tuple[d
     return metrics, frames
 
 
-def write_samples(path: Path, val_batch: dict, frames: torch.Tensor, meta: dict, count: int, fps: int) -> None:
+def write_samples(path: Path, val_batch: dict, frames: torch.Tensor, meta: dict, count: int, fps: float) -> None:
     """One row per clip: colourised labels | generated (context frames are real) | real."""
     videos = []
     for i in range(min(count, frames.shape[0])):
@@ -269,7 +269,7 @@ def main(argv=None):
         common.log(line)
         with open(run_dir / "log.txt", "a") as f:
             f.write(line + "\n")
-        fps = int(meta.get("fps", 10))
+        fps = float(meta.get("fps", 10)) / ic.stride  # real time: clips hold every ic.stride-th frame
         write_samples(run_dir / "samples" / f"step_{step:07d}.gif", val_batch, frames.cpu(), meta, ic.sample_clips, fps)
         if final:
             write_samples(run_dir / "samples" / "final.mp4", val_batch, frames.cpu(), meta, ic.sample_clips, fps)

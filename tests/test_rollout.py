@@ -115,6 +115,14 @@ def test_videos_written(tiny_drive, tmp_path):
     assert (out / "clip_0001" / "sample_000" / "label.gif").is_file()
 
 
+def test_videos_play_in_real_time_unless_told():
+    """A rollout frame is `stride` source frames: real time is the dataset's fps over the stride."""
+    assert rollout.video_fps(common.load_config("synth_drive.yaml"), {"fps": 10}, 2) == pytest.approx(5.0)
+    assert rollout.video_fps(common.load_config("synth_drive.yaml", ["rollout.video_fps=24"]), {"fps": 10}, 2) == 24
+    with pytest.raises(common.ConfigError, match="rollout.video_fps must be >= 0"):
+        rollout.main(["--cfg", "synth_drive.yaml", "--rollout.video_fps=-1"])
+
+
 def test_missing_and_mismatched_checkpoints_are_refused(tiny_drive, tmp_path):
     with pytest.raises(common.CheckpointError, match=r"structure/last\.pt does not exist"):
         rollout.main(_argv(tiny_drive, tmp_path / "empty", "--frames=10"))
