@@ -611,6 +611,11 @@ def tile(videos: list, columns: int | None = None, pad: int = 2) -> np.ndarray:
     return grid
 
 
+def real_time_fps(meta: dict, stride: int) -> float:
+    """Frames per second at which frames taken every `stride`-th frame of a dataset (meta.yaml's fps) play in real time."""
+    return float(meta.get("fps", 10)) / stride
+
+
 def write_video(path, frames, fps: float = 10, scale: int = 1) -> Path:
     """(T, H, W, 3) uint8 -> .mp4 (H.264 via imageio-ffmpeg) or .gif, written atomically."""
     frames = np.asarray(frames, np.uint8)

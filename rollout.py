@@ -270,7 +270,7 @@ def _serialise(obj) -> bytes:
 
 def video_fps(cfg, meta: dict, stride: int) -> float:
     """rollout.video_fps, or real time (0): one rollout frame spans `stride` frames of the dataset's fps."""
-    return cfg.rollout.video_fps or float(meta["fps"]) / stride
+    return cfg.rollout.video_fps or common.real_time_fps(meta, stride)
 
 
 def write_videos(cfg, out_dir: Path, clip_ids: list, meta: dict) -> None:

@@ -354,13 +354,16 @@ class StructureModel(nn.Module):
 
     # ------------------------------------------------------------------ step API (rollout)
 
+    def to_channels_last(self) -> "StructureModel":
+        """Channels-last weights, and activations and rollout state buffers to match (memory_format): faster
+        convolutions on GPU and, through oneDNN, on CPU."""
+        self.memory_format = torch.channels_last
+        return self.to(memory_format=torch.channels_last)
+
     def for_rollout(self, channels_last: bool = True) -> "StructureModel":
-        """eval() and, on request, channels-last weights and state buffers (faster convolutions on GPU)."""
+        """eval() and, on request, to_channels_last()."""
         self.eval()
-        if channels_last:
-            self.memory_format = torch.channels_last
-            self.to(memory_format=torch.channels_last)
-        return self
+        return self.to_channels_last() if channels_last else self
 
     @torch.inference_mode()
     def init_state(self, batch: int, samples: int = 1, device=None) -> RolloutState:

@@ -269,7 +269,7 @@ def main(argv=None):
         common.log(line)
         with open(run_dir / "log.txt", "a") as f:
             f.write(line + "\n")
-        fps = float(meta.get("fps", 10)) / ic.stride  # real time: clips hold every ic.stride-th frame
+        fps = common.real_time_fps(meta, ic.stride)
         write_samples(run_dir / "samples" / f"step_{step:07d}.gif", val_batch, frames.cpu(), meta, ic.sample_clips, fps)
         if final:
             write_samples(run_dir / "samples" / "final.mp4", val_batch, frames.cpu(), meta, ic.sample_clips, fps)

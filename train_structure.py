@@ -301,11 +301,8 @@ def main(argv=None) -> dict:
         meta = data.ensure_dataset(cfg)
 
     common.seed_everything(cfg.run.seed)
-    model = build_model(cfg).to(device)
-    # channels-last: faster convolutions on GPU and, through oneDNN, on CPU too (0.37 against 0.43 s per step of
-    # synth_drive's model on one thread, 0.22 against 0.31 on two)
-    model.memory_format = torch.channels_last
-    model.to(memory_format=torch.channels_last)
+    # channels-last on CPU too: 0.37 against 0.43 s per step of synth_drive's model on one thread, 0.22 against 0.31 on two
+    model = build_model(cfg).to(device).to_channels_last()
     modality = "rgb" if s.variant == "rgb" else "label"
     train_set = ClipDataset(cfg.data.root, "train", s.n_past, s.n_future, s.stride, modalities=(modality,))
     longest = max(s.n_future, s.val_future, s.sample_future)
