@@ -238,8 +238,9 @@ def validate(model: StructureModel, batch: torch.Tensor, cfg, ignore_index: int,
 
 
 @torch.no_grad()
-def write_samples(model: StructureModel, batch: torch.Tensor, cfg, palette, path: Path, seed: int) -> Path:
-    """A grid video, one row per clip: copy of the last context frame | context then prediction | truth."""
+def write_samples(model: StructureModel, batch: torch.Tensor, cfg, meta: dict, path: Path, seed: int) -> Path:
+    """A grid video, one row per clip: copy of the last context frame | context then prediction | truth; it plays in
+    real time (the dataset's fps over the frame step), as the rollout's videos do."""
     s = cfg.structure
     model.eval()
     generator = torch.Generator(batch.device).manual_seed(seed)
@@ -251,7 +252,7 @@ def write_samples(model: StructureModel, batch: torch.Tensor, cfg, palette, path
     if model.variant == "rgb":
         to_rgb = lambda v: v.movedim(-3, -1).cpu().numpy()  # noqa: E731
     else:
-        to_rgb = lambda v: common.colorize(v.cpu().numpy(), palette)  # noqa: E731
+        to_rgb = lambda v: common.colorize(v.cpu().numpy(), meta["palette"])  # noqa: E731
     videos = []
     for clip in range(batch.shape[0]):
         videos += [to_rgb(held[clip]), to_rgb(shown[clip]), to_rgb(truth[clip])]
@@ -260,7 +261,7 @@ def write_samples(model: StructureModel, batch: torch.Tensor, cfg, palette, path
     bar = np.zeros((grid.shape[0], 3, grid.shape[2], 3), np.uint8)
     bar[s.n_past:, :, :, 0] = 255
     model.train()
-    return common.write_video(path, np.concatenate([grid, bar], 1), fps=5, scale=2)
+    return common.write_video(path, np.concatenate([grid, bar], 1), fps=common.real_time_fps(meta, s.stride), scale=2)
 
 
 # ----------------------------------------------------------------------------- training
@@ -343,7 +344,7 @@ def main(argv=None) -> dict:
         metrics = validate(model, val_batch, cfg, ignore_index, cfg.run.seed)
         history["val"].append((step, metrics))
         common.log(f"step {step} val " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        write_samples(model, sample_batch, cfg, meta["palette"], run_dir / "samples" / f"step{step:07d}.{s.sample_format}",
+        write_samples(model, sample_batch, cfg, meta, run_dir / "samples" / f"step{step:07d}.{s.sample_format}",
                       cfg.run.seed)
         curves = {"train loss (sum over steps)": history["train_loss"], "train nll / step": history["train_nll"],
                   "train kl / step": history["train_kl"]}
