@@ -16,7 +16,8 @@ def ensure_dataset(cfg) -> dict:
         from data.synthetic import write_dataset
         height, width = cfg.data.size
         write_dataset(cfg.data.synth, root, sequences=cfg.data.synth_sequences, frames=cfg.data.synth_frames,
-                      size=(height, width), seed=cfg.data.synth_seed, val=cfg.data.synth_val, test=cfg.data.synth_test)
+                      size=(height, width), seed=cfg.data.synth_seed, val=cfg.data.synth_val, test=cfg.data.synth_test,
+                      workers=cfg.data.synth_workers)
     meta = read_meta(root)
     if meta["num_classes"] != cfg.data.num_classes:
         raise DatasetError(f"{root / 'meta.yaml'}: num_classes is {meta['num_classes']} but the config's "

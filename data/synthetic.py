@@ -114,14 +114,40 @@ def _complete(seq_dir: Path, frames: int) -> bool:
     return True
 
 
+def _write_sequence(kind: str, sequence_seed_value: int, frames: int, size, seq_dir: Path, on_frame=None) -> Path:
+    """Render one sequence into a temporary folder beside `seq_dir`, then rename it into place."""
+    tmp = seq_dir.parent / f".{seq_dir.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for m in MODALITIES:
+        (tmp / m).mkdir(parents=True)
+    for t, frame in enumerate(iter_sequence(kind, sequence_seed_value, frames, size)):
+        for m in MODALITIES:
+            _write_frame(tmp, m, t, frame[m])
+        if on_frame is not None:
+            on_frame()
+    if seq_dir.exists():            # an incomplete folder from elsewhere: replace it
+        shutil.rmtree(seq_dir)
+    os.replace(tmp, seq_dir)
+    return seq_dir
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def write_dataset(kind: str, out, sequences: int, frames: int, size, seed: int = 0, val: int = 2, test: int = 2,
-                  progress: bool = True) -> Path:
-    """Generate a dataset in the common layout under `out` (see the module docstring)."""
+                  progress: bool = True, workers: int = 0) -> Path:
+    """Generate a dataset in the common layout under `out` (see the module docstring), one sequence per
+    process over `workers` processes (0: one per CPU core). Every sequence depends on (seed, split, index)
+    alone, so the files are the same whatever the number of workers."""
     kind = _check_kind(kind)
     height, width = parse_size(size)
     counts = {"train": int(sequences), "val": int(val), "test": int(test)}
     if min(counts.values()) < 0 or int(frames) < 1:
         raise ValueError(f"sequences/val/test must be >= 0 and frames >= 1, got {counts} and frames={frames}")
+    if int(workers) < 0:
+        raise ValueError(f"workers must be >= 0 (0 = one per CPU core), got {workers}")
     meta_kind, names, palette, fps, _ = KINDS[kind]
     generator = {"seed": int(seed), "sequences": counts, "frames": int(frames), "version": GENERATOR_VERSION}
     meta = {"kind": meta_kind, "num_classes": len(names), "class_names": list(names),
@@ -154,23 +180,24 @@ def write_dataset(kind: str, out, sequences: int, frames: int, size, seed: int =
             seq_dir = split_dir / f"seq_{index:04d}"
             if not _complete(seq_dir, frames):
                 todo.append((split, index, seq_dir))
+    workers = min(int(workers) or cpu_cores(), max(1, len(todo)))
     bar = None
     if progress and todo:
         from tqdm import tqdm
         bar = tqdm(total=len(todo) * frames, unit="frame", desc=f"{meta_kind} {height}x{width}", file=sys.stderr)
-    for split, index, seq_dir in todo:
-        tmp = seq_dir.parent / f".{seq_dir.name}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        for m in MODALITIES:
-            (tmp / m).mkdir(parents=True)
-        for t, frame in enumerate(iter_sequence(kind, sequence_seed(seed, split, index), frames, (height, width))):
-            for m in MODALITIES:
-                _write_frame(tmp, m, t, frame[m])
-            if bar is not None:
-                bar.update(1)
-        if seq_dir.exists():            # an incomplete folder from elsewhere: replace it
-            shutil.rmtree(seq_dir)
-        os.replace(tmp, seq_dir)
+    jobs = [(kind, sequence_seed(seed, split, index), frames, (height, width), seq_dir) for split, index, seq_dir in todo]
+    if workers == 1:
+        for job in jobs:
+            _write_sequence(*job, on_frame=bar.update if bar is not None else None)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        # spawn, not fork: the caller may hold torch's thread pools, which a forked child must not inherit
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for done in as_completed([pool.submit(_write_sequence, *job) for job in jobs]):
+                done.result()           # a worker's exception surfaces here
+                if bar is not None:
+                    bar.update(frames)
     if bar is not None:
         bar.close()
     _atomic_yaml(root / "meta.yaml", meta)
@@ -229,6 +256,7 @@ def main(argv=None) -> int:
         p.add_argument("--frames", type=int, default=300, help="frames per sequence")
         p.add_argument("--size", default="64", help="N or HxW, e.g. 64 or 128x256")
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--workers", type=int, default=0, help="processes, one sequence each (0: one per CPU core)")
     p = sub.add_parser("preview", help="write a PNG frame grid of one sequence")
     p.add_argument("kind", choices=sorted(KINDS))
     p.add_argument("--out", required=True)
@@ -244,7 +272,7 @@ def main(argv=None) -> int:
             print(preview(args.kind, args.out, args.seed, args.size, frames))
         else:
             root = write_dataset(args.command, args.out, args.sequences, args.frames, args.size, args.seed,
-                                 val=args.val, test=args.test)
+                                 val=args.val, test=args.test, workers=args.workers)
             print(root)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -225,6 +225,20 @@ def test_sequences_do_not_depend_on_how_many_are_generated(tmp_path):
                               np.asarray(Image.open(large / "train/seq_0001/rgb/000002.png")))
 
 
+def test_parallel_generation_writes_the_same_files(tmp_path):
+    """Sequences are generated one per process; the bytes do not depend on how many processes."""
+    serial = write_dataset("drive", tmp_path / "serial", sequences=2, frames=4, size=16, seed=3, val=1, test=0,
+                           progress=False, workers=1)
+    parallel = write_dataset("drive", tmp_path / "parallel", sequences=2, frames=4, size=16, seed=3, val=1, test=0,
+                             progress=False, workers=3)
+    def contents(root):
+        return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    files = contents(serial)
+    assert len(files) == 3 * 4 * 4 + 2 and files == contents(parallel)  # 3 sequences x 4 frames x 4 modalities + 2 yaml
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        write_dataset("drive", tmp_path / "bad", sequences=1, frames=2, size=16, workers=-1)
+
+
 def test_preview_png(tmp_path):
     out = synthetic.preview("dance", tmp_path / "p.png", seed=0, size=32, frames=[0, 5, 10])
     with Image.open(out) as im:
