@@ -131,6 +131,8 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 10, 100])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--csv", default=str(CSV), help="CSV to append to (default bench/rollout.csv)")
+    parser.add_argument("--no-csv", action="store_true", help="print only")
     args = parser.parse_args(argv)
     cfg = common.load_config(args.cfg)
     device = common.pick_device(args.device)
@@ -172,8 +174,9 @@ def main(argv=None):
                           f"{r['gflop_per_frame']:.2f} GFLOP/frame  {100 * r['fraction_of_matmul']:.1f}% of matmul",
                           flush=True)
     kernels.set_backend("auto")
-    record.append_csv(CSV, rows)
-    print(f"appended {len(rows)} rows to {CSV}")
+    if not args.no_csv:
+        record.append_csv(args.csv, rows)
+        print(f"appended {len(rows)} rows to {args.csv}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The checks only a GPU can make, prepared for a lent GPU machine. The device tool allows 10 minutes per
+# command and 15 minutes of device time per session, so it runs as two back-to-back calls (the machine
+# stays warm between them):
+#
+#     PART=bench bash bench/device_check.sh        # tests + benchmarks, about 5 minutes ($OUT is set by the tool)
+#     PART=structure bash bench/device_check.sh    # data + STRUCTURE_MINUTES of training, about 5 minutes
+#
+# 1. the kernel tests on CUDA (Triton compiled, not interpreted; forward and backward against the
+#    plain-torch references), 2. the kernel and rollout benchmarks (rows appended to bench/*.csv, copied
+#    to $OUT), 3. the structure generator's synth_drive config trained for STRUCTURE_MINUTES (default 4)
+#    with validation every VAL_EVERY steps: the question the CPU runs leave open is how many steps its
+#    latent needs before the rollouts keep moving (val KL, motion_free_late; docs/cpu_structure_runs.md).
+# PART=all (the default) runs both in one command. At most 8 files come back from $OUT, so it holds at
+# most: env.txt, kernel_tests.log, bench_kernels.log, bench_rollout.log, kernels.csv, rollout.csv,
+# structure.log, structure_loss.png.
+# QUICK=1 makes every part tiny (a CPU dry run of this script: nothing on CUDA is then measured).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/device_check}
+PART=${PART:-all}
+MINUTES=${STRUCTURE_MINUTES:-4}
+VAL_EVERY=${VAL_EVERY:-2000}
+RUN_DIR=${RUN_DIR:-runs/device_check_structure}
+export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
+mkdir -p "$OUT"
+status=0
+step() { echo "== $(date -u +%H:%M:%S) $*"; }
+
+if [ "${QUICK:-0}" = 1 ]; then
+    tests=(tests/test_kernels_dispatch.py); kernel_args=(--quick --no-csv); rollout_args=(--batches 1 --steps 1 --no-csv)
+    MINUTES=${STRUCTURE_MINUTES:-0.2}
+    data_args=(--data.root=runs/device_check_data --data.synth_sequences=3 --data.synth_val=1 --data.synth_test=1)
+else
+    tests=(tests/test_kernels_convlstm.py tests/test_kernels_warp.py tests/test_kernels_onehot.py
+           tests/test_kernels_dispatch.py tests/test_kernels_compile.py); kernel_args=(--budget 2); rollout_args=()
+    data_args=()
+fi
+structure_args=(--cfg synth_drive.yaml "--run.dir=$RUN_DIR" "--structure.max_minutes=$MINUTES"
+                --structure.iterations=10000000 "--structure.eval_every=$VAL_EVERY" "--structure.ckpt_every=$VAL_EVERY"
+                "${data_args[@]}")
+
+{ nvidia-smi 2>&1 || echo "no nvidia-smi"; python3 -c "import torch, triton, sys; print(sys.version); \
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); \
+print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device')"; git log -1 --oneline; } \
+    > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+case "$PART" in all|bench|structure) ;; *) echo "PART must be all, bench or structure, got $PART"; exit 2 ;; esac
+
+if [ "$PART" != bench ]; then
+    step "synthetic data (in the background while the benchmarks run)"
+    python3 -c "import sys, common, data; data.ensure_dataset(common.load_config('synth_drive.yaml', sys.argv[1:]))" \
+        "${data_args[@]/#--/}" > "$OUT/structure.log" 2>&1 &
+    data_pid=$!
+fi
+
+if [ "$PART" != structure ]; then
+    step "kernel tests on the GPU"
+    python3 -m pytest -q "${tests[@]}" 2>&1 | tee "$OUT/kernel_tests.log" || status=1
+    step "kernel benchmark"
+    python3 bench/bench_kernels.py "${kernel_args[@]}" 2>&1 | tee "$OUT/bench_kernels.log" || status=1
+    step "rollout benchmark"
+    python3 bench/bench_rollout.py "${rollout_args[@]}" 2>&1 | tee "$OUT/bench_rollout.log" || status=1
+    cp bench/kernels.csv bench/rollout.csv "$OUT/" 2>/dev/null
+fi
+
+if [ "$PART" != bench ]; then
+    step "waiting for the data"
+    wait "$data_pid" || { echo "data generation failed (see structure.log)"; exit 1; }
+    step "structure generator, $MINUTES minutes"
+    python3 train_structure.py "${structure_args[@]}" >> "$OUT/structure.log" 2>&1 || status=1
+    grep -E "val nll|stopping|parameters" "$OUT/structure.log"
+    cp "$RUN_DIR/structure/loss.png" "$OUT/structure_loss.png" 2>/dev/null
+fi
+step "done (status $status)"
+exit $status
