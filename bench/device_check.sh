@@ -19,6 +19,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/device_check}
 PART=${PART:-all}
+case "$PART" in all|bench|structure) ;; *) echo "PART must be all, bench or structure, got $PART"; exit 2 ;; esac
 MINUTES=${STRUCTURE_MINUTES:-4}
 VAL_EVERY=${VAL_EVERY:-2000}
 RUN_DIR=${RUN_DIR:-runs/device_check_structure}
@@ -32,9 +33,7 @@ if [ "${QUICK:-0}" = 1 ]; then
     MINUTES=${STRUCTURE_MINUTES:-0.2}
     data_args=(--data.root=runs/device_check_data --data.synth_sequences=3 --data.synth_val=1 --data.synth_test=1)
 else
-    tests=(tests/test_kernels_convlstm.py tests/test_kernels_warp.py tests/test_kernels_onehot.py
-           tests/test_kernels_dispatch.py tests/test_kernels_compile.py); kernel_args=(--budget 2); rollout_args=()
-    data_args=()
+    tests=(tests/test_kernels_*.py); kernel_args=(--budget 2); rollout_args=(); data_args=()
 fi
 structure_args=(--cfg synth_drive.yaml "--run.dir=$RUN_DIR" "--structure.max_minutes=$MINUTES"
                 --structure.iterations=10000000 "--structure.eval_every=$VAL_EVERY" "--structure.ckpt_every=$VAL_EVERY"
@@ -45,8 +44,6 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton._
 print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device')"; git log -1 --oneline; } \
     > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
-
-case "$PART" in all|bench|structure) ;; *) echo "PART must be all, bench or structure, got $PART"; exit 2 ;; esac
 
 if [ "$PART" != bench ]; then
     step "synthetic data (in the background while the benchmarks run)"
