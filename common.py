@@ -470,9 +470,19 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     return payload
 
 
+def saved_config(payload: dict) -> Config:
+    """A checkpoint's config over the schema defaults: a key added to the schema after the checkpoint was
+    written reads as its default, which is what the checkpoint was trained with."""
+    def overlay(base, saved):
+        for key, value in saved.items():
+            base[key] = overlay(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        return base
+    return Config.from_dict(overlay(load_schema(), payload["config"]))
+
+
 def check_compatible(payload: dict, cfg: Config, keys: list[str], path="checkpoint") -> None:
     """Refuse a checkpoint whose architecture-defining keys (classes, resolution, widths) differ."""
-    saved = _to_config(payload["config"])
+    saved = saved_config(payload)
     for key in keys:
         try:
             old = saved.get_path(key)

@@ -49,11 +49,12 @@ def load_component(script: str, path: Path, module_name: str, cfg, device) -> to
     import importlib
     payload = common.read_checkpoint(path)
     common.check_compatible(payload, cfg, ["data.num_classes", "data.size"], path)
-    model = importlib.import_module(script).build_model(common.Config.from_dict(payload["config"]))
+    trained_config = common.saved_config(payload)
+    model = importlib.import_module(script).build_model(trained_config)
     if module_name not in payload["modules"]:
         raise common.CheckpointError(f"{path} holds {sorted(payload['modules'])}, not a {module_name!r} ({script})")
     model.load_state_dict(payload["modules"][module_name])
-    model.trained_config = common.Config.from_dict(payload["config"])
+    model.trained_config = trained_config
     return model.to(device).eval()
 
 

@@ -31,6 +31,7 @@ import kernels
 
 VARIANTS = ("svg", "lstm", "cnn", "soft", "rgb")
 SKIP_MODES = ("previous", "last_context")
+WARP_EPS = 1e-3  # floor of the warp path's class probabilities: a wrongly warped pixel costs at most -log(eps)
 STOCHASTIC = ("svg", "soft", "rgb")
 
 
@@ -199,13 +200,14 @@ class RolloutState:
         self.skips = None          # decoder skips
         self.lstm = {}             # name -> [(h, c), ...]
         self.noise = None          # z buffer, refilled in place from the generator
+        self.frame = None          # the last frame's uint8 labels: what the warp path warps
 
     @property
     def rows(self) -> int:
         return self.batch * self.samples
 
     def tensors(self) -> list[torch.Tensor]:
-        out = [self.code, *self.skips, self.noise]
+        out = [self.code, *self.skips, self.noise, self.frame]
         for layers in self.lstm.values():
             for h, c in layers:
                 out += [h, c]
@@ -221,20 +223,24 @@ def _assign(buffers, values):
 
 class StructureModel(nn.Module):
     def __init__(self, *, variant: str, num_classes: int, size, blocks, h_channels: int, z_channels: int,
-                 lstm_width: int, posterior_layers: int, predictor_layers: int, skip: str):
+                 lstm_width: int, posterior_layers: int, predictor_layers: int, skip: str, warp: bool = False):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"structure.variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
         if skip not in SKIP_MODES:
             raise ValueError(f"structure.skip must be one of {', '.join(SKIP_MODES)}, got {skip!r}")
+        if warp and variant not in ("svg", "lstm", "cnn"):
+            raise ValueError(f"structure.warp needs label maps fed back as argmax (variant svg, lstm or cnn), got {variant!r}")
         self.variant, self.num_classes, self.size, self.skip = variant, num_classes, tuple(size), skip
+        self.warp = warp
         self.stochastic = variant in STOCHASTIC
         self.channels = 3 if variant == "rgb" else num_classes
         pools = pool_count(size)
         self.latent_size = (size[0] // 2**pools, size[1] // 2**pools)
         self.h_channels, self.z_channels = h_channels, z_channels
         self.encoder = Encoder(self.channels, blocks, pools, h_channels)
-        self.decoder = Decoder(h_channels, blocks, self.encoder.pooled, self.channels)
+        # warp: one channel more, the logit of the mixture weight between warp and decoder
+        self.decoder = Decoder(h_channels, blocks, self.encoder.pooled, self.channels + int(warp))
         if self.stochastic:
             self.posterior = GaussianLSTM(h_channels, lstm_width, posterior_layers, z_channels)
             self.prior = GaussianLSTM(h_channels, lstm_width, posterior_layers, z_channels)
@@ -244,6 +250,12 @@ class StructureModel(nn.Module):
         else:
             self.predictor = ConvLSTM(predictor_in, lstm_width, predictor_layers)
         self.to_g = conv3x3(lstm_width, h_channels)
+        if warp:
+            # flow at the latent resolution from [g, z]: z decides, per 8x8 cell, whether a boundary moves this
+            # step. Zero at the start: the warp path begins as the copy of the previous frame.
+            self.to_flow = conv3x3(h_channels + (z_channels if self.stochastic else 0), 2)
+            nn.init.zeros_(self.to_flow.weight)
+            nn.init.zeros_(self.to_flow.bias)
         self.memory_format = torch.contiguous_format
 
     # ------------------------------------------------------------------ frames in and out
@@ -263,9 +275,28 @@ class StructureModel(nn.Module):
         out, state = self.predictor(x, state)
         return F.relu(self.to_g(out)), state
 
-    def output(self, raw: torch.Tensor) -> torch.Tensor:
-        """Decoder output -> log-probabilities over classes (fp32), or RGB in [-1, 1]."""
-        return torch.tanh(raw.float()) if self.variant == "rgb" else F.log_softmax(raw.float(), 1)
+    def output(self, raw: torch.Tensor, motion=None) -> torch.Tensor:
+        """Decoder output -> log-probabilities over classes (fp32), or RGB in [-1, 1]. With the warp path,
+        motion = (previous frame's uint8 labels, flow from motion()): a mixture, per pixel, of the previous
+        frame warped by the flow and the decoder's distribution, weighted by the decoder's extra channel."""
+        if self.variant == "rgb":
+            return torch.tanh(raw.float())
+        if not self.warp:
+            return F.log_softmax(raw.float(), 1)
+        previous, flow = motion
+        logits, mix = raw.float().split([self.num_classes, 1], 1)
+        # a comparison, not F.one_hot (which checks the range on the host: a sync in the rollout's hot loop);
+        # void (>= N) is an all-zero pixel
+        classes = torch.arange(self.num_classes, device=previous.device).view(1, -1, 1, 1)
+        onehot = (previous.unsqueeze(1).long() == classes).float()
+        flow = F.interpolate(flow.float(), size=self.size, mode="bilinear", align_corners=False)
+        warped = kernels.warp(onehot, flow).clamp_min(0)
+        log_warped = torch.log(warped + WARP_EPS) - math.log1p(self.num_classes * WARP_EPS)
+        return torch.logaddexp(F.logsigmoid(mix) + log_warped, F.logsigmoid(-mix) + F.log_softmax(logits, 1))
+
+    def motion(self, g: torch.Tensor, z) -> torch.Tensor:
+        """The warp path's flow (B, 2, h, w) in full-resolution pixels at the latent resolution."""
+        return self.to_flow(g if z is None else torch.cat([g, z.to(g.dtype)], 1))
 
     # ------------------------------------------------------------------ teacher forcing
 
@@ -293,11 +324,14 @@ class StructureModel(nn.Module):
         sources = [min(t, n_past - 1) if self.skip == "last_context" else t for t in range(length - 1)]
         fed_back = feedback > 0 and length - 1 > n_past
         in_code, in_skips = codes[:, 0], [s[:, 0] for s in skips]   # the input frame of the current step
-        gs, outs, kls, kls_prior, kls_posterior = [], [], [], [], []
+        in_frame = frames[:, 0]
+        gs, flows, outs, kls, kls_prior, kls_posterior = [], [], [], [], [], []
         all_at_once = self.variant == "cnn" and not fed_back  # no recurrence and only true inputs
         if all_at_once:
             g, _ = self.predict_g(codes[:, :-1].flatten(0, 1), None, None)
             gs = list(g.view(batch, length - 1, *g.shape[1:]).unbind(1))
+            if self.warp:
+                flows = list(self.motion(g, None).view(batch, length - 1, 2, *g.shape[2:]).unbind(1))
         for t in range(1, 1 if all_at_once else length):
             z = None
             if self.stochastic:
@@ -310,33 +344,41 @@ class StructureModel(nn.Module):
                 kls_prior.append(gaussian_kl(mu_q.detach(), logvar_q.detach(), mu_p, logvar_p))
                 kls_posterior.append(gaussian_kl(mu_q, logvar_q, mu_p.detach(), logvar_p.detach()))
             g, pred_state = self.predict_g(in_code, z, pred_state)
+            flow = self.motion(g, z) if self.warp else None
             if not fed_back:  # decoded all at once after the loop
                 gs.append(g)
+                flows.append(flow)
                 in_code = codes[:, t]
                 continue
             source = sources[t - 1]
             step_skips = in_skips if source == t - 1 else [s[:, source] for s in skips]
             raw = self.decoder(g, step_skips).float()
-            outs.append(self.output(raw))
-            in_code, in_skips = codes[:, t], [s[:, t] for s in skips]
+            out_t = self.output(raw, (in_frame, flow) if self.warp else None)
+            outs.append(out_t)
+            in_code, in_skips, in_frame = codes[:, t], [s[:, t] for s in skips], frames[:, t]
             if n_past <= t < length - 1:
-                own_code, own_skips = self.encode_input(*self.fed_back(raw.detach()))
+                own_frame, own_x = self.fed_back((out_t if self.warp else raw).detach())
+                own_code, own_skips = self.encode_input(own_frame, own_x)
                 use = (torch.rand(batch, generator=generator, device=device) < feedback).view(batch, 1, 1, 1)
                 in_code = torch.where(use, own_code.to(in_code.dtype), in_code)
                 in_skips = [torch.where(use, own.to(true.dtype), true) for own, true in zip(own_skips, in_skips)]
+                if self.warp:
+                    in_frame = torch.where(use[:, 0], own_frame, in_frame)
         if fed_back:
             out = torch.stack(outs, 1)
         else:
             g = torch.stack(gs, 1).flatten(0, 1)
             picked = [s[:, sources].flatten(0, 1) for s in skips]
-            out = self.output(self.decoder(g, picked))
+            motion = (frames[:, :-1].flatten(0, 1), torch.stack(flows, 1).flatten(0, 1)) if self.warp else None
+            out = self.output(self.decoder(g, picked), motion)
             out = out.view(batch, length - 1, *out.shape[1:])
         zeros = torch.zeros(batch, length - 1, device=device)
         stack = lambda values: torch.stack(values, 1) if values else zeros  # noqa: E731
         return {"out": out, "kl": stack(kls), "kl_prior": stack(kls_prior), "kl_posterior": stack(kls_posterior)}
 
     def fed_back(self, raw: torch.Tensor):
-        """What a prediction feeds back, from the decoder's fp32 output: (frames, None) with the argmax indices
+        """What a prediction feeds back, from the decoder's fp32 output (with the warp path: from output()'s
+        log-probabilities, whose argmax is the prediction): (frames, None) with the argmax indices
         (svg, lstm, cnn; uint8), or (None, x) with the softmax (soft) or the RGB frame in [-1, 1] (rgb).
         The rollout step and scheduled sampling in training both use it; encode_input() encodes it."""
         if self.variant == "rgb":
@@ -379,13 +421,15 @@ class StructureModel(nn.Module):
         if self.variant != "cnn":
             state.lstm["predictor"] = self.predictor.zero_state(rows, latent_h, latent_w, device, fmt)
         state.code = torch.zeros(rows, self.h_channels, latent_h, latent_w, device=device).contiguous(memory_format=fmt)
+        if self.warp:
+            state.frame = torch.zeros(rows, *self.size, dtype=torch.uint8, device=device)
         state.skips = [torch.zeros(rows, block[-1].out_channels, self.size[0] // 2**i, self.size[1] // 2**i,
                                    device=device).contiguous(memory_format=fmt)
                        for i, block in enumerate(self.encoder.blocks)]
         return state
 
     def _advance(self, state: RolloutState, z, generator):
-        """Prior and predictor one step on the current code; returns g and writes the LSTM states."""
+        """Prior and predictor one step on the current code; returns g and z and writes the LSTM states."""
         if "prior" in state.lstm:
             mu_p, logvar_p, prior_new = self.prior(state.code, state.lstm["prior"])
             if z is None:  # predicting: z from the prior
@@ -397,7 +441,7 @@ class StructureModel(nn.Module):
         if pred_new is not None:
             for buffers, values in zip(state.lstm["predictor"], pred_new):
                 _assign(buffers, values)
-        return g
+        return g, z
 
     def _encode_into(self, state: RolloutState, frames=None, x=None, update_skips=True):
         """Encode true/argmax frames (uint8) or a float feedback x (softmax, RGB) into the state's code/skips."""
@@ -421,6 +465,8 @@ class StructureModel(nn.Module):
         z comes from the posterior of this (true) frame; the predictor's state advances; the frame becomes
         the code and skip source for the next step."""
         frame = self._rows(state, frame)
+        if self.warp:
+            state.frame.copy_(frame)
         if state.observed == 0:
             self._encode_into(state, frames=frame)
         else:
@@ -445,9 +491,13 @@ class StructureModel(nn.Module):
         (soft) or the RGB frame (rgb)."""
         if state.observed == 0:
             raise RuntimeError("step: observe at least one context frame first")
-        g = self._advance(state, None, generator)
+        g, z = self._advance(state, None, generator)
         raw = self.decoder(g, state.skips).float()
-        index, x = self.fed_back(raw)
+        if self.warp:
+            index, x = self.fed_back(self.output(raw, (state.frame, self.motion(g, z))))
+            state.frame.copy_(index)
+        else:
+            index, x = self.fed_back(raw)
         self._encode_into(state, frames=index, x=x, update_skips=self.skip == "previous")
         if self.variant == "rgb":
             return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)

@@ -91,7 +91,7 @@ def build_discriminators(cfg) -> tuple[MultiscaleDiscriminator, torch.nn.ModuleL
 def load_generator(path, device="cpu") -> tuple[ImageGenerator, common.Config]:
     """The trained generator of a checkpoint (RUN/image/last.pt) in eval mode, and its config."""
     payload = common.read_checkpoint(path, map_location="cpu")
-    cfg = common.Config.from_dict(payload["config"])
+    cfg = common.saved_config(payload)
     if "generator" not in payload["modules"]:
         raise common.CheckpointError(f"{path}: not an image-generator checkpoint (no 'generator')")
     generator = build_model(cfg)

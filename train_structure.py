@@ -35,7 +35,7 @@ from structure_model import RolloutState, StructureModel, paper_blocks, pool_cou
 # Keys that define the weights' shapes: a checkpoint trained with other values is refused.
 ARCH_KEYS = ["structure.variant", "structure.encoder_blocks", "structure.width_mult", "structure.lstm_width",
              "structure.lstm_mult", "structure.h_channels", "structure.z_channels", "structure.posterior_layers",
-             "structure.predictor_layers", "data.num_classes", "data.size"]
+             "structure.predictor_layers", "structure.warp", "data.num_classes", "data.size"]
 
 
 # ----------------------------------------------------------------------------- model from config
@@ -66,7 +66,8 @@ def build_model(cfg) -> StructureModel:
         return StructureModel(variant=s.variant, num_classes=cfg.data.num_classes, size=size, blocks=blocks,
                               h_channels=s.h_channels, z_channels=s.z_channels,
                               lstm_width=max(1, round(s.lstm_width * s.lstm_mult)),
-                              posterior_layers=s.posterior_layers, predictor_layers=s.predictor_layers, skip=s.skip)
+                              posterior_layers=s.posterior_layers, predictor_layers=s.predictor_layers, skip=s.skip,
+                              warp=s.warp)
     except ValueError as e:
         raise common.ConfigError(str(e)) from None
 
@@ -78,7 +79,7 @@ def load_model(path, cfg=None, device="cpu") -> StructureModel:
     payload = common.read_checkpoint(path)
     if cfg is not None:
         common.check_compatible(payload, cfg, ARCH_KEYS, path)
-    model = build_model(cfg if cfg is not None else common._to_config(payload["config"]))
+    model = build_model(cfg if cfg is not None else common.saved_config(payload))
     if "structure" not in payload["modules"]:
         raise common.CheckpointError(f"{path} holds no structure generator (modules: {list(payload['modules'])})")
     try:

@@ -40,6 +40,19 @@ def test_mismatched_checkpoint_is_refused(random_dataset, tmp_path):
         common.check_compatible(payload, cfg, ["data.num_classes"], "last.pt")
 
 
+def test_a_key_added_after_the_checkpoint_reads_as_its_default():
+    """A checkpoint written before a schema key existed (here structure.warp, dropped from its saved config)
+    is read with that key's default, for the architecture check and for rebuilding the model."""
+    saved = common.load_config(None, ["structure.lr=0.01"]).to_dict()
+    del saved["structure"]["warp"]
+    payload = {"config": saved}
+    config = common.saved_config(payload)
+    assert config.structure.warp is False and config.structure.lr == 0.01
+    common.check_compatible(payload, common.load_config(None), ["structure.warp"], "old.pt")
+    with pytest.raises(common.CheckpointError, match="structure.warp=False but the config says structure.warp=True"):
+        common.check_compatible(payload, common.load_config(None, ["structure.warp=true"]), ["structure.warp"], "old.pt")
+
+
 def test_unreadable_checkpoint_names_file(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

@@ -254,11 +254,39 @@ def test_mismatched_checkpoint_is_refused(tiny_drive, tmp_path):
 # ----------------------------------------------------------------------------- rollout step API
 
 def deterministic_models():
-    """(skip mode, untrained eval model) for the variants without a latent, lstm and cnn, in both skip modes."""
+    """(skip mode, untrained eval model) for the variants without a latent, lstm and cnn, in both skip modes,
+    without and with the warp path (its flow head drawn at random: it starts at zero)."""
     for variant in ("lstm", "cnn"):
         for skip in ("previous", "last_context"):
-            torch.manual_seed(0)
-            yield skip, build_model(tiny_cfg(f"structure.variant={variant}", f"structure.skip={skip}")).eval()
+            for warp in (False, True):
+                torch.manual_seed(0)
+                model = build_model(tiny_cfg(f"structure.variant={variant}", f"structure.skip={skip}",
+                                             f"structure.warp={str(warp).lower()}"))
+                if warp:
+                    torch.nn.init.normal_(model.to_flow.weight, std=0.5)
+                yield skip, model.eval()
+
+
+def test_warp_path_moves_the_previous_frame_by_its_flow():
+    """With the mixture weight all on the warp path and a flow of +1 pixel in x everywhere, the prediction is
+    the previous frame shifted left by one pixel (a backward warp: pixel x shows x + 1; the last column
+    repeats, border padding); a flow of zero copies it. The warp path is refused for soft and rgb."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("structure.variant=lstm", "structure.warp=true")).eval()
+    with torch.no_grad():
+        model.decoder.blocks[-1][-1].bias[-1] = 50.0          # the mixture logit: warp path only
+        clip = random_labels(2, 4, 32, 32, seed=4)
+        copied = model.generate(clip[:, :3], 1)[:, 0, 0]
+        assert torch.equal(copied, clip[:, 2])
+        model.to_flow.bias.copy_(torch.tensor([1.0, 0.0]))
+        shifted = model.generate(clip[:, :3], 1)[:, 0, 0]
+        assert torch.equal(shifted[..., :-1], clip[:, 2, :, 1:]) and torch.equal(shifted[..., -1], clip[:, 2, :, -1])
+        teacher = model(clip, n_past=3)["out"][:, 2]
+        assert torch.allclose(teacher.exp().sum(1), torch.ones(2, 32, 32), atol=1e-4)  # still a distribution
+        assert torch.equal(teacher.argmax(1).to(torch.uint8), shifted)
+    for variant in ("soft", "rgb"):
+        with pytest.raises(common.ConfigError, match="structure.warp"):
+            build_model(tiny_cfg(f"structure.variant={variant}", "structure.warp=true"))
 
 
 def test_step_api_matches_teacher_forcing():
@@ -302,10 +330,14 @@ def test_scheduled_sampling_mixes_per_clip_and_trains_every_part():
     assert torch.allclose(teacher[:, :3], half[:, :3], atol=1e-5) and torch.allclose(teacher[:, :3], full[:, :3], atol=1e-5)
     own = [not torch.allclose(half[b, 3:], teacher[b, 3:], atol=1e-5) for b in range(8)]
     assert 0 < sum(own) < 8
-    model = build_model(cfg)
-    losses = train_structure.clip_loss(model, model(clip, n_past=3, feedback=1.0), clip, cfg, 255)
-    losses["loss"].backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    for warp in ("false", "true"):  # the warp path's flow head too (it starts at zero)
+        cfg = tiny_cfg("structure.scheduled_sampling=0.5", f"structure.warp={warp}")
+        model = build_model(cfg)
+        losses = train_structure.clip_loss(model, model(clip, n_past=3, feedback=1.0), clip, cfg, 255)
+        losses["loss"].backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+        if warp == "true":
+            assert model.to_flow.weight.grad.abs().sum() > 0
 
 
 def test_motion_teacher_is_the_teacher_forced_change_from_the_true_input_frame():
