@@ -9,6 +9,9 @@
 Variants (paper section 5): svg (the model above), lstm (no latent), cnn (no latent, no recurrence:
 the predictor's ConvLSTMs become plain convolutions), soft (the softmax, not the argmax one-hot, is fed
 back at inference), rgb (the same network on RGB frames in [-1, 1], tanh output, L2/L1 loss).
+Not in the paper, off by default: the warp path (`warp`), log p(s_t) = log[m * warp(s_{t-1}, flow(g_t, z_t))
++ (1 - m) * decoder], the flow predicted per latent cell and m by one extra decoder channel, so that z
+can move a boundary directly (docs/cpu_structure_runs.md, session 15).
 
 Two ways to run it:
 - `forward(frames, n_past)`: teacher forcing over a whole clip (training, validation).
