@@ -259,6 +259,8 @@ class StructureModel(nn.Module):
             self.to_flow = conv3x3(h_channels + (z_channels if self.stochastic else 0), 2)
             nn.init.zeros_(self.to_flow.weight)
             nn.init.zeros_(self.to_flow.bias)
+            # class ids to compare labels with (the warp path's one-hot), made once, not in every rollout step
+            self.register_buffer("class_ids", torch.arange(num_classes).view(1, -1, 1, 1), persistent=False)
         self.memory_format = torch.contiguous_format
 
     # ------------------------------------------------------------------ frames in and out
@@ -290,10 +292,9 @@ class StructureModel(nn.Module):
         logits, mix = raw.float().split([self.num_classes, 1], 1)
         # a comparison, not F.one_hot (which checks the range on the host: a sync in the rollout's hot loop);
         # void (>= N) is an all-zero pixel
-        classes = torch.arange(self.num_classes, device=previous.device).view(1, -1, 1, 1)
-        onehot = (previous.unsqueeze(1).long() == classes).float()
+        onehot = (previous.unsqueeze(1).long() == self.class_ids).float()
         flow = F.interpolate(flow.float(), size=self.size, mode="bilinear", align_corners=False)
-        warped = kernels.warp(onehot, flow).clamp_min(0)
+        warped = kernels.warp(onehot, flow)   # bilinear weights of a one-hot: >= 0 already
         log_warped = torch.log(warped + WARP_EPS) - math.log1p(self.num_classes * WARP_EPS)
         return torch.logaddexp(F.logsigmoid(mix) + log_warped, F.logsigmoid(-mix) + F.log_softmax(logits, 1))
 
