@@ -388,6 +388,22 @@ def log(*parts) -> None:
         tqdm.write(" ".join(str(p) for p in parts))
 
 
+# seconds between redraws of a progress bar whose stream is not a terminal (a log file, CI): tqdm's 0.1 s
+# default writes a line per training step there, megabytes over a long run
+LOG_REDRAW_SECONDS = 30.0
+
+
+def progress(iterable=None, **kwargs):
+    """tqdm on stderr, redrawn every 0.1 s on a terminal and every LOG_REDRAW_SECONDS in a log; the start,
+    the end and the iterations/s stay. Keyword arguments go to tqdm (disable=..., desc=...)."""
+    from tqdm import tqdm
+    stream = kwargs.setdefault("file", sys.stderr)
+    terminal = hasattr(stream, "isatty") and stream.isatty()
+    kwargs.setdefault("dynamic_ncols", True)
+    kwargs.setdefault("mininterval", 0.1 if terminal else LOG_REDRAW_SECONDS)
+    return tqdm(iterable, **kwargs)
+
+
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     if _DIST.enabled:
         tensor = tensor.detach().clone()

@@ -47,8 +47,8 @@ def train_beside(structure_argv, others, log_path: Path, threads: int) -> dict:
     with a checkpoint (SIGTERM: it saves and exits)."""
     background, restore = max(1, threads // 2), torch.get_num_threads()
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    # a progress bar in a file: redrawn when the loss is logged or 30 s have passed, not every step (14 KB, was 100)
-    env = dict(os.environ, OMP_NUM_THREADS=str(background), MKL_NUM_THREADS=str(background), TQDM_MININTERVAL="30")
+    # its progress bar goes to a file, so common.progress redraws it every 30 s, not every step
+    env = dict(os.environ, OMP_NUM_THREADS=str(background), MKL_NUM_THREADS=str(background))
     common.log(f"\n=== train structure (in a second process, {background} thread(s); log {log_path}): "
                f"{' '.join(structure_argv)}")
     timings, started = {"structure": 0.0}, time.perf_counter()

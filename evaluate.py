@@ -92,8 +92,8 @@ def _uint8_frames(array, what: str, ndim: int) -> torch.Tensor:
 
 
 def _progress(iterable, enabled: bool, **kwargs):
-    from tqdm import tqdm
-    return tqdm(iterable, disable=not enabled, leave=False, dynamic_ncols=True, **kwargs)
+    from common import progress
+    return progress(iterable, disable=not enabled, leave=False, **kwargs)
 
 
 # ----------------------------------------------------------------------------- FVD

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import common
 import kernels
@@ -218,7 +217,7 @@ class StepRunner:
 
 @torch.inference_mode()
 def run_group(cfg, pipeline: Pipeline, writer: RolloutWriter, clip_ids: list, clips: list, state_dir: Path,
-              progress: tqdm, stop: common.StopSignal) -> bool:
+              progress, stop: common.StopSignal) -> bool:
     """Roll out one batch of clips to the end (or until a stop signal); returns True when complete."""
     r, device = cfg.rollout, pipeline.device
     frames, samples, chunk = r.frames, r.samples, r.chunk
@@ -342,7 +341,7 @@ def main(argv=None) -> Path:
     total = sum(len(g) for g in my_groups) * r.samples * r.frames
     started = time.perf_counter()
     complete = True
-    with common.StopSignal() as stop, tqdm(total=total, unit="frame", unit_scale=True, disable=not dist.is_main,
+    with common.StopSignal() as stop, common.progress(total=total, unit="frame", unit_scale=True, disable=not dist.is_main,
                                            desc="rollout", smoothing=0.1) as progress:
         for clip_ids in my_groups:
             complete &= run_group(cfg, pipeline, writer, clip_ids, clips, out_dir / ".state", progress, stop)

@@ -26,7 +26,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
-from tqdm import tqdm
 
 import common
 import data
@@ -396,8 +395,8 @@ def main(argv=None) -> dict:
 
     scores, window = None, {}
     generator.train(), discriminator.train()
-    progress = tqdm(range(start_step, e.steps), initial=start_step, total=e.steps, disable=not dist.is_main,
-                    desc="edge", dynamic_ncols=True)
+    progress = common.progress(range(start_step, e.steps), initial=start_step, total=e.steps,
+                               disable=not dist.is_main, desc="edge")
     done = start_step
     with common.StopSignal() as stop:
         for step in progress:
@@ -412,7 +411,8 @@ def main(argv=None) -> dict:
             if losses is not None:
                 for k, v in losses.items():
                     window.setdefault(k, []).append(v)
-                progress.set_postfix(d=f"{losses['d']:.3f}", adv=f"{losses['g_adv']:.3f}", fm=f"{losses['g_fm']:.3f}")
+                progress.set_postfix(d=f"{losses['d']:.3f}", adv=f"{losses['g_adv']:.3f}", fm=f"{losses['g_fm']:.3f}",
+                                     refresh=False)
             if done % e.log_every == 0 and window:
                 for k, values in window.items():
                     history.setdefault(k, []).append((done, float(np.mean(values))))

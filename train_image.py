@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common
 import data
@@ -277,7 +276,7 @@ def main(argv=None):
 
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    progress = tqdm(total=ic.steps, initial=step, disable=not dist.is_main, desc="image", dynamic_ncols=True)
+    progress = common.progress(total=ic.steps, initial=step, disable=not dist.is_main, desc="image")
     with common.StopSignal() as stop:
         while step < ic.steps:
             length = clip_frames(ic, step)
@@ -390,7 +389,7 @@ def main(argv=None):
                     for name, value in zip(names, averaged.tolist()):
                         history.setdefault(name, []).append((step, value))
                     progress.set_postfix(G=f"{history['loss_g'][-1][1]:.3f}", D=f"{history['loss_d'][-1][1]:.3f}",
-                                         frames=length)
+                                         frames=length, refresh=False)
                 running, running_count = {}, 0
             if stop.should_stop():
                 save()

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common
 import data
@@ -360,7 +359,7 @@ def main(argv=None) -> dict:
     if s.plain_fraction == 0:
         history["options_from"] = 0
     model.train()
-    bar = tqdm(total=s.iterations, initial=start_step, disable=not dist.is_main, dynamic_ncols=True, desc="structure")
+    bar = common.progress(total=s.iterations, initial=start_step, disable=not dist.is_main, desc="structure")
     with common.StopSignal() as stop:
         while step < s.iterations:
             plain_phase = history.get("options_from") is None
@@ -391,7 +390,8 @@ def main(argv=None) -> dict:
                 values = {k: float(common.all_reduce_mean(v.detach().reshape(1))) for k, v in losses.items()}
                 for k in ("loss", "nll", "kl"):
                     history[f"train_{k}"].append((step, values[k]))
-                bar.set_postfix(loss=f"{values['loss']:.3f}", nll=f"{values['nll']:.3f}", kl=f"{values['kl']:.2f}")
+                bar.set_postfix(loss=f"{values['loss']:.3f}", nll=f"{values['nll']:.3f}", kl=f"{values['kl']:.2f}",
+                               refresh=False)
             if s.max_minutes > 0 and not stop.requested and time.time() - loop_start > 60 * s.max_minutes:
                 common.log(f"step {step}: structure.max_minutes={s.max_minutes} reached; stopping")
                 stop.requested = time_up = True  # any rank's flag stops all ranks (should_stop reduces it)

@@ -23,8 +23,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+from common import progress
 from data.layout import DatasetError, write_frame, write_meta
 
 CITYSCAPES_CLASSES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
@@ -179,7 +179,7 @@ def prepare_kitti(src, out, size, labels=None, segmenter=None, stride: int = 1):
         return {"rgb": kitti_crop(rgb, height, width, nearest=False),
                 "label": kitti_crop(source(rgb, path), height, width, nearest=True)}
 
-    for drive in tqdm(drives, desc="kitti drives"):
+    for drive in progress(drives, desc="kitti drives"):
         number = drive.name.split("_drive_")[1][:4]
         held_out = drive.name.startswith("2011_09_26")
         split = ("test" if held_out and number in KITTI_TEST_DRIVES
@@ -217,7 +217,7 @@ def prepare_cityscapes(src, out, size, labels=None, segmenter=None, snippet: int
             match = CITYSCAPES_NAME.fullmatch(path.stem)
             if match:
                 sequences[(match["city"], match["seq"])].append((int(match["frame"]), path))
-        for (city, seq), frames in tqdm(sorted(sequences.items()), desc=f"cityscapes {split}"):
+        for (city, seq), frames in progress(sorted(sequences.items()), desc=f"cityscapes {split}"):
             # a sequence id can hold several 30-frame snippets: split where the numbering jumps
             snippets = [[frames[0]]]
             for item in sorted(frames)[1:]:
@@ -260,7 +260,7 @@ def prepare_dance(src, out, size, val: int = 1, test: int = 1, subsample: int = 
     write_meta(out, kind="dance", class_names=DENSEPOSE_CLASSES, palette=dense_palette(len(DENSEPOSE_CLASSES)),
                fps=15, size=(height, width), source=str(src))
     splits = ["train"] * (len(videos) - val - test) + ["val"] * val + ["test"] * test
-    for video, split in tqdm(list(zip(videos, splits)), desc="dance videos"):
+    for video, split in progress(list(zip(videos, splits)), desc="dance videos"):
         iuv_paths = sorted(video.glob("*_IUV.png"))[::subsample]
 
         def load(iuv_path, video=video):

@@ -1,3 +1,6 @@
+import io
+import time
+
 import pytest
 
 import common
@@ -88,3 +91,20 @@ def test_duplicate_yaml_key_is_refused(tmp_path):
     path.write_text("run:\n  seed: 1\nrun:\n  seed: 2\n")
     with pytest.raises(ConfigError, match="duplicate key 'run'"):
         load_config(str(path))
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_redraws_rarely_in_a_log():
+    log = io.StringIO()
+    for _ in common.progress(range(50), file=log, desc="steps"):
+        time.sleep(0.01)
+    text = log.getvalue()
+    # over these 0.5 s tqdm's default 0.1 s would redraw about 5 times; in a log only the first and final state
+    assert text.count("\r") <= 3, text
+    assert "50/50" in text
+    with common.progress(total=1, file=_Terminal()) as terminal_bar, common.progress(total=1, file=log) as log_bar:
+        assert terminal_bar.mininterval == 0.1 and log_bar.mininterval == common.LOG_REDRAW_SECONDS
