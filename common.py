@@ -401,6 +401,8 @@ def progress(iterable=None, **kwargs):
     terminal = hasattr(stream, "isatty") and stream.isatty()
     kwargs.setdefault("dynamic_ncols", True)
     kwargs.setdefault("mininterval", 0.1 if terminal else LOG_REDRAW_SECONDS)
+    if not terminal:  # tqdm's monitor thread would otherwise force a redraw every 10 s
+        kwargs.setdefault("maxinterval", LOG_REDRAW_SECONDS)
     return tqdm(iterable, **kwargs)
 
 

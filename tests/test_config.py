@@ -108,3 +108,4 @@ def test_progress_bar_redraws_rarely_in_a_log():
     assert "50/50" in text
     with common.progress(total=1, file=_Terminal()) as terminal_bar, common.progress(total=1, file=log) as log_bar:
         assert terminal_bar.mininterval == 0.1 and log_bar.mininterval == common.LOG_REDRAW_SECONDS
+        assert log_bar.maxinterval == common.LOG_REDRAW_SECONDS
