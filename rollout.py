@@ -341,8 +341,8 @@ def main(argv=None) -> Path:
     total = sum(len(g) for g in my_groups) * r.samples * r.frames
     started = time.perf_counter()
     complete = True
-    with common.StopSignal() as stop, common.progress(total=total, unit="frame", unit_scale=True, disable=not dist.is_main,
-                                           desc="rollout", smoothing=0.1) as progress:
+    with common.StopSignal() as stop, common.progress(total=total, unit="frame", unit_scale=True, desc="rollout",
+                                                      disable=not dist.is_main, smoothing=0.1) as progress:
         for clip_ids in my_groups:
             complete &= run_group(cfg, pipeline, writer, clip_ids, clips, out_dir / ".state", progress, stop)
             if stop.requested:

@@ -183,8 +183,8 @@ def write_dataset(kind: str, out, sequences: int, frames: int, size, seed: int =
     workers = min(int(workers) or cpu_cores(), max(1, len(todo)))
     bar = None
     if progress and todo:
-        from common import progress  # the top-level scripts' helper: redraws rarely in a log
-        bar = progress(total=len(todo) * frames, unit="frame", desc=f"{meta_kind} {height}x{width}")
+        import common  # the top-level scripts' progress bar: redraws rarely in a log
+        bar = common.progress(total=len(todo) * frames, unit="frame", desc=f"{meta_kind} {height}x{width}")
     jobs = [(kind, sequence_seed(seed, split, index), frames, (height, width), seq_dir) for split, index, seq_dir in todo]
     if workers == 1:
         for job in jobs:
