@@ -125,7 +125,7 @@ def main(argv=None) -> dict:
         timings["rollout"] = stage("rollout", rollout.main, argv)
 
     import evaluate
-    timings["evaluate"] = stage("evaluate", evaluate.main, argv + ["--shotwise"])
+    timings["evaluate"] = stage("evaluate", evaluate.main, argv + ["--shotwise", "--dynamics"])
     total = time.perf_counter() - started
 
     videos = sorted(out_dir.glob("clip_*/sample_*/grid.*")) or sorted(out_dir.glob("clip_*/sample_*/*.mp4"))

@@ -3,6 +3,7 @@
     python evaluate.py --shotwise            # shot-wise FVD(t) + I3D video score over time (paper fig. 2/4/8)
     python evaluate.py --inception           # frame-level Inception-style score over time
     python evaluate.py --short               # vs ground truth: FVD, CSIM, mIoU, PSNR/SSIM, best of N samples
+    python evaluate.py --dynamics            # label maps: change per step, class mix, sample difference over t
     python evaluate.py                       # everything the rollout supports
 
 Reads the rollout folder (data/rollout_io.py) and the dataset it came from; writes
@@ -381,6 +382,118 @@ def mean_iou(confusion: np.ndarray, classes=None) -> float:
     return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
 
 
+# ----------------------------------------------------------------------------- label dynamics (is the structure alive?)
+
+def _label_stats(videos: np.ndarray, num_classes: int) -> tuple[float, np.ndarray]:
+    """uint8 label videos (..., T, H, W) -> (fraction of pixels whose label differs from the frame before,
+    class histogram over [0, N) normalised to 1; void and other indices >= N are left out of it)."""
+    videos = np.asarray(videos)
+    change = float((videos[..., 1:, :, :] != videos[..., :-1, :, :]).mean()) if videos.shape[-3] > 1 else float("nan")
+    counts = np.bincount(videos.reshape(-1), minlength=256)[:num_classes].astype(np.float64)
+    return change, counts / max(counts.sum(), 1.0)
+
+
+def data_label_dynamics(root, split: str, stride: int, num_classes: int) -> dict:
+    """The reference for label_dynamics: the data's own label change per step at the rollout's frame step
+    and its class mix, over every sequence of a split."""
+    from data.layout import DatasetError, list_sequences, load_sequence, read_meta
+    meta = read_meta(root)
+    changed = pixels = 0.0
+    counts = np.zeros(num_classes)
+    for seq_dir in list_sequences(root, split):
+        labels = load_sequence(seq_dir, "label", meta)[::stride]
+        if len(labels) > 1:
+            changed += float((labels[1:] != labels[:-1]).sum())
+            pixels += labels[1:].size
+        counts += np.bincount(np.asarray(labels).reshape(-1), minlength=256)[:num_classes]
+    if pixels == 0:
+        raise DatasetError(f"{Path(root) / split}: no sequence has two label frames {stride} apart")
+    return {"change_per_step": changed / pixels, "class_mix": (counts / max(counts.sum(), 1.0)).tolist(),
+            "dataset_root": str(root), "split": split, "stride": stride}
+
+
+def label_dynamics(reader, reference: dict, window: int = 16, time_stride: int = 8) -> dict:
+    """Whether the predicted structure keeps moving and keeps its class mix, the failure modes that no
+    image metric names: per window [t, t + w) over every clip and sample, the fraction of pixels whose
+    label changes per step (against the data's, `reference`), the class mix and its total-variation
+    distance from the data's (0 = the same mix, 1 = disjoint), the largest class's share, and the fraction
+    of pixels where two samples of a clip differ at frame t (0 without a second sample). A rollout that
+    settles into a fixed point has change 0 from some t on; one that collapses has a largest share near 1."""
+    if "label" not in reader.modalities:
+        raise RolloutError(f"{reader.root}: the rollout has no label maps (modalities {reader.modalities}); "
+                           f"label dynamics need them")
+    num_classes = reader.protocol["num_classes"]
+    data_mix = np.asarray(reference["class_mix"])
+    result = {k: [] for k in ("t", "change_per_step", "class_mix", "mix_distance", "largest_class_share",
+                              "sample_difference")}
+    for t in reader.window_starts(window, time_stride):
+        videos = reader.all_windows("label", t, window)   # (clips * samples, w, H, W), clip-major
+        change, mix = _label_stats(videos, num_classes)
+        first = videos[:, 0].reshape(reader.num_clips, reader.num_samples, -1)
+        pairs = [(a, b) for a in range(reader.num_samples) for b in range(a + 1, reader.num_samples)]
+        differ = float(np.mean([(first[:, a] != first[:, b]).mean() for a, b in pairs])) if pairs else 0.0
+        for key, value in (("t", t), ("change_per_step", change), ("class_mix", mix.tolist()),
+                           ("mix_distance", 0.5 * float(np.abs(mix - data_mix).sum())),
+                           ("largest_class_share", float(mix.max())), ("sample_difference", differ)):
+            result[key].append(value)
+    late = max(1, len(result["t"]) // 4)   # the last quarter of the windows
+    data_change = reference["change_per_step"]
+    result.update(data=reference, window=window, time_stride=time_stride,
+                  change_late=float(np.mean(result["change_per_step"][-late:])),
+                  change_late_vs_data=float(np.mean(result["change_per_step"][-late:]) / max(data_change, 1e-12)),
+                  mix_distance_late=float(np.mean(result["mix_distance"][-late:])))
+    return result
+
+
+def plot_label_dynamics(dynamics: dict, meta: dict, path) -> Path:
+    """Three panels over t: label change per step against the data's rate, the class mix as stacked
+    areas in the dataset's palette (the data's mix as the bar on the right), and sample difference."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from common import atomic_path
+    t = np.asarray(dynamics["t"])
+    palette = np.asarray(meta["palette"], np.float64).reshape(-1, 3) / 255.0
+    names = meta.get("class_names") or [str(i) for i in range(len(palette))]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.2), gridspec_kw={"width_ratios": [1, 1.4, 1]})
+    ax = axes[0]
+    ax.plot(t, np.asarray(dynamics["change_per_step"]) * 100, lw=1.2, label="rollout")
+    ax.axhline(dynamics["data"]["change_per_step"] * 100, color="k", ls="--", lw=1, label="data")
+    ax.set_title("label change per step (%)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    mix = np.asarray(dynamics["class_mix"]).T   # (classes, windows)
+    data_mix = np.asarray(dynamics["data"]["class_mix"])
+    span = (t[-1] - t[0]) if len(t) > 1 else 1
+    bar_x = t[-1] + 0.08 * span
+    bottom = 0.0
+    for c in range(len(mix)):
+        if mix[c].max() < 0.005 and data_mix[c] < 0.005:
+            continue   # keeps the legend to the classes that matter
+        color = palette[c] if c < len(palette) else (0.5, 0.5, 0.5)
+        ax.fill_between(t, mix[:c].sum(0), mix[:c + 1].sum(0), color=color, lw=0,
+                        label=names[c] if c < len(names) else str(c))
+        ax.bar(bar_x, data_mix[c], bottom=bottom, width=0.06 * span, color=color, edgecolor="k", lw=0.3)
+        bottom += data_mix[c]
+    ax.set_xlim(t[0], bar_x + 0.04 * span)
+    ax.set_ylim(0, 1)
+    ax.set_title("class mix (bar: data)", fontsize=9)
+    ax.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax = axes[2]
+    ax.plot(t, np.asarray(dynamics["sample_difference"]) * 100, lw=1.2)
+    ax.set_title("samples differ at t (%)", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("t (predicted frame)", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"label dynamics (window {dynamics['window']})", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
 # ----------------------------------------------------------------------------- short-term protocol
 
 def short_term(reader, fvd_frames=16, fvd_context=True, segmenter=None, batch_size=16, device=None,
@@ -472,7 +585,7 @@ def _miou_summary(confs: list, num_classes: int, samples: int) -> dict:
 
 # ----------------------------------------------------------------------------- command line
 
-def _write_outputs(out_dir: Path, report: dict) -> list[Path]:
+def _write_outputs(out_dir: Path, report: dict, meta: dict | None = None) -> list[Path]:
     from common import atomic_write_bytes, plot_curves
     atomic_write_bytes(out_dir / "metrics.json", (json.dumps(report, indent=1, allow_nan=True) + "\n").encode())
     m, written = report["metrics"], [out_dir / "metrics.json"]
@@ -494,6 +607,8 @@ def _write_outputs(out_dir: Path, report: dict) -> list[Path]:
             curves["mIoU moving"] = list(enumerate(s["miou"]["per_frame_moving"], 1))
         written.append(plot_curves(curves, out_dir / "short_term.png", title=f"best of {s['samples']} samples",
                                    xlabel="predicted frame"))
+    if "label_dynamics" in m and meta is not None:
+        written.append(plot_label_dynamics(m["label_dynamics"], meta, out_dir / "label_dynamics.png"))
     return written
 
 
@@ -501,7 +616,8 @@ def main(argv=None) -> dict:
     from common import ConfigError, fail, parse_args
     from data.layout import DatasetError
     cfg, _ = parse_args(argv, aliases={"shotwise": "evaluate.shotwise", "inception": "evaluate.inception",
-                                       "short": "evaluate.short"}, description=__doc__)
+                                       "short": "evaluate.short",
+                                       "dynamics": "evaluate.dynamics"}, description=__doc__)
     try:
         return run(cfg)
     except (WeightError, RolloutError) as e:
@@ -519,10 +635,10 @@ def run(cfg) -> dict:
     reader = read_rollout(rollout_dir)
     out_dir = Path(ev.out_dir or rollout_dir / "eval")
     device = _device(ev.device if ev.device != "auto" else None)
-    chosen = {k for k in ("shotwise", "inception", "short") if ev[k]}
-    has_rgb = "rgb" in reader.modalities
+    chosen = {k for k in ("shotwise", "inception", "short", "dynamics") if ev[k]}
+    has_rgb, has_label = "rgb" in reader.modalities, "label" in reader.modalities
     if not chosen:  # everything this rollout supports
-        chosen = ({"shotwise", "inception"} if has_rgb else set()) | \
+        chosen = ({"shotwise", "inception"} if has_rgb else set()) | ({"dynamics"} if has_label else set()) | \
             ({"short"} if reader.has_truth("rgb") or reader.has_truth("label") else set())
     if not has_rgb and chosen & {"shotwise", "inception"}:
         raise RolloutError(f"{rollout_dir}: the rollout has no RGB frames (modalities {reader.modalities}); "
@@ -548,6 +664,17 @@ def run(cfg) -> dict:
         metrics["inception_score"] = inception_over_time(reader, ev.window, ev.time_stride, ev.classifier,
                                                          ev.classifier_weights, 4 * ev.batch_size, device, True)
         log(f"Inception-style score ({ev.classifier}): mean {metrics['inception_score']['mean']:.3f}")
+    meta = None
+    if "dynamics" in chosen:
+        from data.layout import read_meta
+        meta = read_meta(dataset_root)
+        reference = data_label_dynamics(dataset_root, ev.train_split, reader.protocol["stride"],
+                                        reader.protocol["num_classes"])
+        d = metrics["label_dynamics"] = label_dynamics(reader, reference, ev.window, ev.time_stride)
+        log(f"label dynamics: change per step {100 * d['change_late']:.2f}% over the last quarter "
+            f"({d['change_late_vs_data']:.2f}x the data's {100 * reference['change_per_step']:.2f}%), class mix "
+            f"{d['mix_distance_late']:.2f} from the data's (total variation), samples differ "
+            f"{100 * d['sample_difference'][-1]:.1f}% at t = {d['t'][-1]}")
     if "short" in chosen:
         metrics["short_term"] = short_term(reader, ev.fvd_frames, ev.fvd_context, ev.segmenter, ev.batch_size,
                                            device, True)
@@ -572,7 +699,7 @@ def run(cfg) -> dict:
                 report["metrics"] = {**old["metrics"], **metrics}
         except (ValueError, KeyError):
             pass
-    for path in _write_outputs(out_dir, report):
+    for path in _write_outputs(out_dir, report, meta):
         log(f"wrote {path}")
     return report
 

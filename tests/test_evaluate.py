@@ -218,6 +218,60 @@ def test_shotwise_fvd_windows(tmp_path, monkeypatch):
         ev.shotwise_fvd(reader, real, window=4)
 
 
+# ----------------------------------------------------------------------------- label dynamics
+
+def test_label_dynamics_on_hand_made_rollouts(tmp_path):
+    """Change per step, class mix, its distance from the data's and sample difference, against counts made by
+    hand: sample 0 of each clip moves one 4x4 block of class 1 one column per step, then stops at frame 6;
+    sample 1 is sample 0 with one more pixel of class 2."""
+    frames, size = 12, (16, 16)
+    writer = RolloutWriter(tmp_path / "rollout", dataset_root="unused", split="val", n_past=1, frames=frames,
+                           samples=2, clips=[{"sequence": "s0", "start": 0}, {"sequence": "s1", "start": 0}],
+                           size=size, num_classes=4, chunk=5, seed=0, modalities=("label",))
+    labels = np.zeros((2, 2, frames) + size, np.uint8)
+    for t in range(frames):
+        x = min(t, 6)
+        labels[:, :, t, 0:4, x:x + 4] = 1
+    labels[:, 1, :, 15, 15] = 2
+    for c in range(2):
+        writer.write_context(c, label=labels[c, 0, :1])
+    for start in range(0, frames, 5):
+        writer.write_chunk(start, label=labels[:, :, start:start + 5])
+    writer.finish()
+    reader = read_rollout(tmp_path / "rollout")
+    reference = {"change_per_step": 0.01, "class_mix": [0.5, 0.5, 0.0, 0.0]}
+    d = ev.label_dynamics(reader, reference, window=4, time_stride=4)
+    assert d["t"] == [0, 4, 8]
+    # a block moving one column changes 8 of 256 pixels per step: 3 moving steps in [0, 4), 2 of 3 in [4, 8), none after
+    assert d["change_per_step"] == pytest.approx([8 / 256, 2 * 8 / 256 / 3, 0.0])
+    mix = np.array([256 - 16 - 0.5, 16, 0.5, 0]) / 256   # sample 1's extra class-2 pixel, averaged over 2 samples
+    np.testing.assert_allclose(d["class_mix"][0], mix)
+    assert d["mix_distance"][0] == pytest.approx(0.5 * np.abs(mix - np.array([0.5, 0.5, 0, 0])).sum())
+    assert d["largest_class_share"][2] == pytest.approx(mix[0])
+    assert d["sample_difference"] == pytest.approx([1 / 256] * 3)
+    assert d["change_late"] == 0.0 and d["change_late_vs_data"] == 0.0
+    path = ev.plot_label_dynamics(d, {"palette": [[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]],
+                                      "class_names": ["a", "b", "c", "d"]}, tmp_path / "dyn.png")
+    assert path.stat().st_size > 1000
+
+
+def test_data_label_dynamics_counts_changes_at_the_stride(tmp_path):
+    """The data's change per step at stride 1 and 2, and its class mix, from frames made by hand."""
+    root = tmp_path / "ds"
+    write_meta(root, kind="test", class_names=["a", "b"], palette=[[0, 0, 0], [255, 255, 255]], fps=10, size=(4, 4))
+    for t in range(5):   # frame t has t pixels of class 1 (in reading order): one new pixel per frame
+        label = np.zeros(16, np.uint8)
+        label[:t] = 1
+        write_frame(root / "train" / "seq_0", "label", t, label.reshape(4, 4))
+    one = ev.data_label_dynamics(root, "train", stride=1, num_classes=2)
+    assert one["change_per_step"] == pytest.approx(1 / 16)
+    assert one["class_mix"] == pytest.approx([1 - 10 / 80, 10 / 80])
+    assert ev.data_label_dynamics(root, "train", stride=2, num_classes=2)["change_per_step"] == pytest.approx(2 / 16)
+    from data.layout import DatasetError
+    with pytest.raises(DatasetError, match="no sequence has two label frames 5 apart"):
+        ev.data_label_dynamics(root, "train", stride=5, num_classes=2)
+
+
 @needs_weights
 def test_cli_end_to_end(tmp_path, monkeypatch):
     """evaluate.py on a tiny rollout with ground truth: every metric, metrics.json and plots."""
@@ -229,7 +283,7 @@ def test_cli_end_to_end(tmp_path, monkeypatch):
     report = ev.main(argv)
     out = tmp_path / "rollout" / "eval"
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["metrics"].keys() == {"shotwise_fvd", "inception_score", "short_term"}
+    assert saved["metrics"].keys() == {"shotwise_fvd", "inception_score", "short_term", "label_dynamics"}
     assert saved["protocol"]["weights"]["i3d"]["sha256"] == mn.I3D_WEIGHTS.sha256
     assert saved["protocol"]["training_shots"]["num_shots"] == 3 and not saved["protocol"]["training_shots"]["cached"]
     assert saved["metrics"]["shotwise_fvd"]["t"] == [0]
@@ -241,7 +295,7 @@ def test_cli_end_to_end(tmp_path, monkeypatch):
     # sample 0 is the ground truth (the rollout wrote truth from it): best-of-N finds it
     assert short["psnr"]["mean"] > 140 and short["ssim"]["mean"] == pytest.approx(1.0)
     assert short["csim"]["mean"] == pytest.approx(1.0, abs=1e-5) and short["miou"]["mean"] == pytest.approx(1.0)
-    for name in ("shotwise_fvd.png", "inception_score.png", "short_term.png"):
+    for name in ("shotwise_fvd.png", "inception_score.png", "short_term.png", "label_dynamics.png"):
         assert (out / name).stat().st_size > 1000
     assert report["metrics"]["short_term"]["psnr"]["mean"] == short["psnr"]["mean"]
     again = ev.main(argv + ["--shotwise"])  # training-shot features come from the cache now
