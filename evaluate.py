@@ -446,8 +446,8 @@ def label_dynamics(reader, reference: dict, window: int = 16, time_stride: int =
 
 
 def plot_label_dynamics(dynamics: dict, meta: dict, path) -> Path:
-    """Three panels over t: label change per step against the data's rate, the class mix as stacked
-    areas in the dataset's palette (the data's mix as the bar on the right), and sample difference."""
+    """Three panels over t: label change per step against the data's rate, sample difference, and the
+    class mix as stacked areas in the dataset's palette (the data's mix as the bar on the right)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -455,43 +455,41 @@ def plot_label_dynamics(dynamics: dict, meta: dict, path) -> Path:
     t = np.asarray(dynamics["t"])
     palette = np.asarray(meta["palette"], np.float64).reshape(-1, 3) / 255.0
     names = meta.get("class_names") or [str(i) for i in range(len(palette))]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.2), gridspec_kw={"width_ratios": [1, 1.4, 1]})
-    ax = axes[0]
-    ax.plot(t, np.asarray(dynamics["change_per_step"]) * 100, lw=1.2, label="rollout")
-    ax.axhline(dynamics["data"]["change_per_step"] * 100, color="k", ls="--", lw=1, label="data")
-    ax.set_title("label change per step (%)", fontsize=9)
-    ax.legend(fontsize=7)
-    ax = axes[1]
+    # the class legend gets a column of its own, so that it does not squeeze the panels
+    fig, (change_ax, differ_ax, mix_ax, legend_ax) = plt.subplots(
+        1, 4, figsize=(14, 3.3), gridspec_kw={"width_ratios": [1, 1, 1.4, 0.55]})
+    change_ax.plot(t, np.asarray(dynamics["change_per_step"]) * 100, lw=1.2, label="rollout")
+    change_ax.axhline(dynamics["data"]["change_per_step"] * 100, color="k", ls="--", lw=1, label="data")
+    change_ax.set_title("label change per step (%)", fontsize=9)
+    change_ax.legend(fontsize=7)
+    differ_ax.plot(t, np.asarray(dynamics["sample_difference"]) * 100, lw=1.2)
+    differ_ax.set_title("samples differ at t (%)", fontsize=9)
     mix = np.asarray(dynamics["class_mix"]).T   # (classes, windows)
     data_mix = np.asarray(dynamics["data"]["class_mix"])
     span = (t[-1] - t[0]) if len(t) > 1 else 1
-    bar_x = t[-1] + 0.08 * span
-    bottom = 0.0
+    bar_x, bottom = t[-1] + 0.08 * span, 0.0
     for c in range(len(mix)):
         if mix[c].max() < 0.005 and data_mix[c] < 0.005:
             continue   # keeps the legend to the classes that matter
         color = palette[c] if c < len(palette) else (0.5, 0.5, 0.5)
-        ax.fill_between(t, mix[:c].sum(0), mix[:c + 1].sum(0), color=color, lw=0,
-                        label=names[c] if c < len(names) else str(c))
-        ax.bar(bar_x, data_mix[c], bottom=bottom, width=0.06 * span, color=color, edgecolor="k", lw=0.3)
+        mix_ax.fill_between(t, mix[:c].sum(0), mix[:c + 1].sum(0), color=color, lw=0,
+                            label=names[c] if c < len(names) else str(c))
+        mix_ax.bar(bar_x, data_mix[c], bottom=bottom, width=0.06 * span, color=color, edgecolor="k", lw=0.3)
         bottom += data_mix[c]
-    ax.set_xlim(t[0], bar_x + 0.04 * span)
-    ax.set_ylim(0, 1)
-    ax.set_title("class mix (bar: data)", fontsize=9)
-    ax.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax = axes[2]
-    ax.plot(t, np.asarray(dynamics["sample_difference"]) * 100, lw=1.2)
-    ax.set_title("samples differ at t (%)", fontsize=9)
-    for ax in axes:
+    mix_ax.set_xlim(t[0], bar_x + 0.04 * span)
+    mix_ax.set_ylim(0, 1)
+    mix_ax.set_title("class mix (bar: data)", fontsize=9)
+    legend_ax.axis("off")
+    legend_ax.legend(*mix_ax.get_legend_handles_labels(), fontsize=6, loc="center left", frameon=False)
+    for ax in (change_ax, differ_ax, mix_ax):
         ax.set_xlabel("t (predicted frame)", fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle(f"label dynamics (window {dynamics['window']})", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    return path
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------- short-term protocol
