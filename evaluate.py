@@ -419,9 +419,6 @@ def label_dynamics(reader, reference: dict, window: int = 16, time_stride: int =
     distance from the data's (0 = the same mix, 1 = disjoint), the largest class's share, and the fraction
     of pixels where two samples of a clip differ at frame t (0 without a second sample). A rollout that
     settles into a fixed point has change 0 from some t on; one that collapses has a largest share near 1."""
-    if "label" not in reader.modalities:
-        raise RolloutError(f"{reader.root}: the rollout has no label maps (modalities {reader.modalities}); "
-                           f"label dynamics need them")
     num_classes = reader.protocol["num_classes"]
     data_mix = np.asarray(reference["class_mix"])
     result = {k: [] for k in ("t", "change_per_step", "class_mix", "mix_distance", "largest_class_share",
@@ -641,6 +638,9 @@ def run(cfg) -> dict:
     if not has_rgb and chosen & {"shotwise", "inception"}:
         raise RolloutError(f"{rollout_dir}: the rollout has no RGB frames (modalities {reader.modalities}); "
                            f"shot-wise FVD and the Inception-style score need them")
+    if not has_label and "dynamics" in chosen:
+        raise RolloutError(f"{rollout_dir}: the rollout has no label maps (modalities {reader.modalities}); "
+                           f"label dynamics need them")
     if not chosen:
         raise RolloutError(f"{rollout_dir}: nothing to evaluate (no RGB frames and no ground truth)")
     if ev.classifier not in CLASSIFIERS:

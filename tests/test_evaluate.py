@@ -255,6 +255,18 @@ def test_label_dynamics_on_hand_made_rollouts(tmp_path):
     assert path.stat().st_size > 1000
 
 
+def test_dynamics_of_a_rollout_without_label_maps_is_refused(tmp_path, capsys):
+    writer = RolloutWriter(tmp_path / "rollout", dataset_root="unused", split="val", n_past=1, frames=4, samples=1,
+                           clips=[{"sequence": "s0", "start": 0}], size=(8, 8), num_classes=4, chunk=4, seed=0,
+                           modalities=("rgb",))
+    writer.write_context(0, rgb=np.zeros((1, 8, 8, 3), np.uint8))
+    writer.write_chunk(0, rgb=np.zeros((1, 1, 4, 8, 8, 3), np.uint8))
+    writer.finish()
+    with pytest.raises(SystemExit):
+        ev.main([f"--evaluate.rollout_dir={tmp_path / 'rollout'}", "--dynamics"])
+    assert "has no label maps" in capsys.readouterr().err
+
+
 def test_data_label_dynamics_counts_changes_at_the_stride(tmp_path):
     """The data's change per step at stride 1 and 2, and its class mix, from frames made by hand."""
     root = tmp_path / "ds"
