@@ -384,31 +384,29 @@ def mean_iou(confusion: np.ndarray, classes=None) -> float:
 
 # ----------------------------------------------------------------------------- label dynamics (is the structure alive?)
 
-def _label_stats(videos: np.ndarray, num_classes: int) -> tuple[float, np.ndarray]:
-    """uint8 label videos (..., T, H, W) -> (fraction of pixels whose label differs from the frame before,
-    class histogram over [0, N) normalised to 1; void and other indices >= N are left out of it)."""
+def _label_counts(videos, num_classes: int) -> tuple[int, int, np.ndarray]:
+    """uint8 label videos (..., T, H, W) -> (pixels whose label differs from the frame before, pixels
+    compared, class counts over [0, N); void and other indices >= N are left out of the counts)."""
     videos = np.asarray(videos)
-    change = float((videos[..., 1:, :, :] != videos[..., :-1, :, :]).mean()) if videos.shape[-3] > 1 else float("nan")
-    counts = np.bincount(videos.reshape(-1), minlength=256)[:num_classes].astype(np.float64)
-    return change, counts / max(counts.sum(), 1.0)
+    changed = int((videos[..., 1:, :, :] != videos[..., :-1, :, :]).sum())
+    compared = videos[..., 1:, :, :].size
+    return changed, compared, np.bincount(videos.reshape(-1), minlength=256)[:num_classes].astype(np.float64)
 
 
-def data_label_dynamics(root, split: str, stride: int, num_classes: int) -> dict:
+def data_label_dynamics(root, split: str, stride: int, num_classes: int, meta: dict | None = None) -> dict:
     """The reference for label_dynamics: the data's own label change per step at the rollout's frame step
-    and its class mix, over every sequence of a split."""
+    and its class mix, over every sequence of a split (`meta`: the dataset's, read when not given)."""
     from data.layout import DatasetError, list_sequences, load_sequence, read_meta
-    meta = read_meta(root)
-    changed = pixels = 0.0
+    meta = meta or read_meta(root)
+    changed = compared = 0
     counts = np.zeros(num_classes)
     for seq_dir in list_sequences(root, split):
-        labels = load_sequence(seq_dir, "label", meta)[::stride]
-        if len(labels) > 1:
-            changed += float((labels[1:] != labels[:-1]).sum())
-            pixels += labels[1:].size
-        counts += np.bincount(np.asarray(labels).reshape(-1), minlength=256)[:num_classes]
-    if pixels == 0:
+        seq_changed, seq_compared, seq_counts = _label_counts(load_sequence(seq_dir, "label", meta)[::stride],
+                                                              num_classes)
+        changed, compared, counts = changed + seq_changed, compared + seq_compared, counts + seq_counts
+    if compared == 0:
         raise DatasetError(f"{Path(root) / split}: no sequence has two label frames {stride} apart")
-    return {"change_per_step": changed / pixels, "class_mix": (counts / max(counts.sum(), 1.0)).tolist(),
+    return {"change_per_step": changed / compared, "class_mix": (counts / max(counts.sum(), 1.0)).tolist(),
             "dataset_root": str(root), "split": split, "stride": stride}
 
 
@@ -421,23 +419,24 @@ def label_dynamics(reader, reference: dict, window: int = 16, time_stride: int =
     settles into a fixed point has change 0 from some t on; one that collapses has a largest share near 1."""
     num_classes = reader.protocol["num_classes"]
     data_mix = np.asarray(reference["class_mix"])
+    pairs = [(a, b) for a in range(reader.num_samples) for b in range(a + 1, reader.num_samples)]
     result = {k: [] for k in ("t", "change_per_step", "class_mix", "mix_distance", "largest_class_share",
                               "sample_difference")}
     for t in reader.window_starts(window, time_stride):
         videos = reader.all_windows("label", t, window)   # (clips * samples, w, H, W), clip-major
-        change, mix = _label_stats(videos, num_classes)
+        changed, compared, counts = _label_counts(videos, num_classes)
+        mix = counts / max(counts.sum(), 1.0)
+        change = changed / compared if compared else float("nan")   # a one-frame window has no step
         first = videos[:, 0].reshape(reader.num_clips, reader.num_samples, -1)
-        pairs = [(a, b) for a in range(reader.num_samples) for b in range(a + 1, reader.num_samples)]
         differ = float(np.mean([(first[:, a] != first[:, b]).mean() for a, b in pairs])) if pairs else 0.0
         for key, value in (("t", t), ("change_per_step", change), ("class_mix", mix.tolist()),
                            ("mix_distance", 0.5 * float(np.abs(mix - data_mix).sum())),
                            ("largest_class_share", float(mix.max())), ("sample_difference", differ)):
             result[key].append(value)
     late = max(1, len(result["t"]) // 4)   # the last quarter of the windows
-    data_change = reference["change_per_step"]
-    result.update(data=reference, window=window, time_stride=time_stride,
-                  change_late=float(np.mean(result["change_per_step"][-late:])),
-                  change_late_vs_data=float(np.mean(result["change_per_step"][-late:]) / max(data_change, 1e-12)),
+    change_late = float(np.mean(result["change_per_step"][-late:]))
+    result.update(data=reference, window=window, time_stride=time_stride, change_late=change_late,
+                  change_late_vs_data=change_late / max(reference["change_per_step"], 1e-12),
                   mix_distance_late=float(np.mean(result["mix_distance"][-late:])))
     return result
 
@@ -667,7 +666,7 @@ def run(cfg) -> dict:
         from data.layout import read_meta
         meta = read_meta(dataset_root)
         reference = data_label_dynamics(dataset_root, ev.train_split, reader.protocol["stride"],
-                                        reader.protocol["num_classes"])
+                                        reader.protocol["num_classes"], meta)
         d = metrics["label_dynamics"] = label_dynamics(reader, reference, ev.window, ev.time_stride)
         log(f"label dynamics: change per step {100 * d['change_late']:.2f}% over the last quarter "
             f"({d['change_late_vs_data']:.2f}x the data's {100 * reference['change_per_step']:.2f}%), class mix "
