@@ -9,9 +9,9 @@
 Variants (paper section 5): svg (the model above), lstm (no latent), cnn (no latent, no recurrence:
 the predictor's ConvLSTMs become plain convolutions), soft (the softmax, not the argmax one-hot, is fed
 back at inference), rgb (the same network on RGB frames in [-1, 1], tanh output, L2/L1 loss).
-Not in the paper, off by default: the warp path (`warp`), log p(s_t) = log[m * warp(s_{t-1}, flow(g_t, z_t))
-+ (1 - m) * decoder], the flow predicted per latent cell and m by one extra decoder channel, so that z
-can move a boundary directly (docs/cpu_structure_runs.md, session 15).
+Not in the paper, off by default (docs/design.md, "Opening the latent"): `latent=categorical`, z_t as
+groups of one-hot categories (DreamerV2) instead of a Gaussian, and `z_to_decoder`, z_t fed into every
+decoder block beside the skips, so that it reaches the resolution where births happen.
 
 Two ways to run it:
 - `forward(frames, n_past)`: teacher forcing over a whole clip (training, validation).
@@ -34,7 +34,7 @@ import kernels
 
 VARIANTS = ("svg", "lstm", "cnn", "soft", "rgb")
 SKIP_MODES = ("previous", "last_context")
-WARP_EPS = 1e-3  # floor of the warp path's class probabilities: a wrongly warped pixel costs at most -log(eps)
+LATENTS = ("gaussian", "categorical")
 STOCHASTIC = ("svg", "soft", "rgb")
 
 
@@ -101,28 +101,34 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Mirror of the encoder (table E): per block, coarsest first, 2x nearest upsampling (where the encoder
     pooled), concatenation with the block's skip, then its convs; the last conv of a block outputs the next
-    finer block's width, and the finest block's last conv outputs the frame channels (no activation)."""
+    finer block's width, and the finest block's last conv outputs the frame channels (no activation).
+    With z_channels > 0 (structure.z_to_decoder, not in the paper) z_t, upsampled to each block's
+    resolution, is concatenated into every block's input as well (docs/design.md, "Opening the latent")."""
 
-    def __init__(self, h_channels: int, blocks, pooled, out_channels: int):
+    def __init__(self, h_channels: int, blocks, pooled, out_channels: int, z_channels: int = 0):
         super().__init__()
         self.upsample = list(reversed(pooled))
+        self.z_channels = z_channels
         self.blocks = nn.ModuleList()
         cin = h_channels
         for level in reversed(range(len(blocks))):
             width, convs = blocks[level]
             last_out = blocks[level - 1][0] if level > 0 else out_channels
             outs = [width] * (convs - 1) + [last_out]
-            ins = [cin + width] + outs[:-1]
+            ins = [cin + width + z_channels] + outs[:-1]
             self.blocks.append(nn.ModuleList([conv3x3(a, b) for a, b in zip(ins, outs)]))
             cin = last_out
 
-    def forward(self, g: torch.Tensor, skips) -> torch.Tensor:
+    def forward(self, g: torch.Tensor, skips, z: torch.Tensor | None = None) -> torch.Tensor:
         x = g
         n_blocks = len(self.blocks)
         for k, block in enumerate(self.blocks):
             if self.upsample[k]:
                 x = F.interpolate(x, scale_factor=2, mode="nearest")
-            x = torch.cat([x, skips[n_blocks - 1 - k].to(x.dtype)], 1)
+            inputs = [x, skips[n_blocks - 1 - k].to(x.dtype)]
+            if self.z_channels:
+                inputs.append(F.interpolate(z.to(x.dtype), size=x.shape[-2:], mode="nearest"))
+            x = torch.cat(inputs, 1)
             for j, conv in enumerate(block):
                 x = conv(x)
                 if not (k == n_blocks - 1 and j == len(block) - 1):
@@ -170,24 +176,72 @@ class ConvStack(nn.Module):
         return x, state
 
 
-class GaussianLSTM(nn.Module):
-    """Posterior / prior (table C): ConvLSTM, then one 3x3 conv to 2 * z channels = (mu, log-variance)."""
+class LatentLSTM(nn.Module):
+    """Posterior / prior (table C): ConvLSTM, then one 3x3 conv to the latent's statistics in fp32:
+    (mu, log-variance) of a Gaussian, 2 * z channels, or the logits of a categorical latent, z channels."""
 
-    def __init__(self, in_channels: int, width: int, layers: int, z_channels: int):
+    def __init__(self, in_channels: int, width: int, layers: int, stats_channels: int):
         super().__init__()
         self.lstm = ConvLSTM(in_channels, width, layers)
-        self.to_stats = conv3x3(width, 2 * z_channels)
+        self.to_stats = conv3x3(width, stats_channels)
 
     def forward(self, x, state):
         out, state = self.lstm(x, state)
-        mu, logvar = self.to_stats(out).float().chunk(2, 1)
-        return mu, logvar, state
+        return self.to_stats(out).float(), state
 
 
 def gaussian_kl(mu_q, logvar_q, mu_p, logvar_p) -> torch.Tensor:
     """KL(N(mu_q, var_q) || N(mu_p, var_p)) summed over latent elements, per batch item (B,)."""
     kl = 0.5 * (logvar_p - logvar_q) + (logvar_q.exp() + (mu_q - mu_p) ** 2) / (2 * logvar_p.exp()) - 0.5
     return kl.flatten(1).sum(1)
+
+
+class GaussianLatent:
+    """The paper's latent: z = mu + sigma * noise, noise ~ N(0, 1)."""
+    stats_per_channel = 2
+
+    def __init__(self, z_channels: int):
+        self.z_channels = z_channels
+
+    def sample(self, stats: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        mu, logvar = stats.chunk(2, 1)
+        return mu + noise * (0.5 * logvar).exp()
+
+    def kl(self, q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        return gaussian_kl(*q.chunk(2, 1), *p.chunk(2, 1))
+
+
+class CategoricalLatent:
+    """z_channels / classes categorical variables per latent cell, each a one-hot over `classes` (DreamerV2's
+    latent, Hafner et al. 2021): an event such as "a house enters this cell" is one category whose prior
+    probability the KL term learns directly, where a Gaussian prior must place it in a continuous space.
+    Sampled by Gumbel-max from the same N(0, 1) noise buffer as the Gaussian (through its CDF), with
+    straight-through gradients; the probabilities mix in `uniform` of the uniform distribution so that no
+    category's log-probability runs off to -inf (DreamerV3's unimix)."""
+    stats_per_channel = 1
+    uniform = 0.01
+
+    def __init__(self, z_channels: int, classes: int):
+        if classes < 2 or z_channels % classes:
+            raise ValueError(f"structure.latent_classes={classes} must be >= 2 and divide structure.z_channels={z_channels}")
+        self.z_channels, self.classes = z_channels, classes
+
+    def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        grouped = logits.unflatten(1, (-1, self.classes))                         # (B, groups, classes, h, w)
+        probs = (1 - self.uniform) * grouped.softmax(2) + self.uniform / self.classes
+        return probs.log()
+
+    def sample(self, logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        log_p = self.log_probs(logits)
+        uniform = torch.special.ndtr(noise.to(log_p.dtype)).clamp(1e-6, 1 - 1e-6).view_as(log_p)
+        index = (log_p - torch.log(-torch.log(uniform))).argmax(2, keepdim=True)
+        onehot = torch.zeros_like(log_p).scatter_(2, index, 1.0)
+        probs = log_p.exp()
+        return (onehot + probs - probs.detach()).flatten(1, 2)
+
+    def kl(self, q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        log_q, log_p = self.log_probs(q), self.log_probs(p)
+        return (log_q.exp() * (log_q - log_p)).flatten(1).sum(1)
 
 
 # ----------------------------------------------------------------------------- rollout state
@@ -202,19 +256,23 @@ class RolloutState:
         self.code = None           # h_{t-1}: encoding of the last (observed or predicted) frame
         self.skips = None          # decoder skips
         self.lstm = {}             # name -> [(h, c), ...]
-        self.noise = None          # z buffer, refilled in place from the generator
-        self.frame = None          # the last frame's uint8 labels: what the warp path warps
+        self.noise = None          # the latent's N(0, 1) noise, refilled in place from the generator
 
     @property
     def rows(self) -> int:
         return self.batch * self.samples
 
     def tensors(self) -> list[torch.Tensor]:
-        out = [self.code, *self.skips, self.noise, self.frame]
+        out = [self.code, *self.skips, self.noise]
         for layers in self.lstm.values():
             for h, c in layers:
                 out += [h, c]
         return [t for t in out if t is not None]
+
+
+def stacked(values: list, empty: torch.Tensor) -> torch.Tensor:
+    """Per-step values (B,) stacked to (B, T), or `empty` when there are none (no latent)."""
+    return torch.stack(values, 1) if values else empty
 
 
 def _assign(buffers, values):
@@ -226,41 +284,36 @@ def _assign(buffers, values):
 
 class StructureModel(nn.Module):
     def __init__(self, *, variant: str, num_classes: int, size, blocks, h_channels: int, z_channels: int,
-                 lstm_width: int, posterior_layers: int, predictor_layers: int, skip: str, warp: bool = False):
+                 lstm_width: int, posterior_layers: int, predictor_layers: int, skip: str, latent: str = "gaussian",
+                 latent_classes: int = 8, z_to_decoder: bool = False):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"structure.variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
         if skip not in SKIP_MODES:
             raise ValueError(f"structure.skip must be one of {', '.join(SKIP_MODES)}, got {skip!r}")
-        if warp and variant not in ("svg", "lstm", "cnn"):
-            raise ValueError(f"structure.warp needs label maps fed back as argmax (variant svg, lstm or cnn), got {variant!r}")
+        if latent not in LATENTS:
+            raise ValueError(f"structure.latent must be one of {', '.join(LATENTS)}, got {latent!r}")
         self.variant, self.num_classes, self.size, self.skip = variant, num_classes, tuple(size), skip
-        self.warp = warp
         self.stochastic = variant in STOCHASTIC
         self.channels = 3 if variant == "rgb" else num_classes
         pools = pool_count(size)
         self.latent_size = (size[0] // 2**pools, size[1] // 2**pools)
         self.h_channels, self.z_channels = h_channels, z_channels
+        self.z_to_decoder = z_to_decoder and self.stochastic
         self.encoder = Encoder(self.channels, blocks, pools, h_channels)
-        # warp: one channel more, the logit of the mixture weight between warp and decoder
-        self.decoder = Decoder(h_channels, blocks, self.encoder.pooled, self.channels + int(warp))
+        self.decoder = Decoder(h_channels, blocks, self.encoder.pooled, self.channels,
+                               z_channels if self.z_to_decoder else 0)
         if self.stochastic:
-            self.posterior = GaussianLSTM(h_channels, lstm_width, posterior_layers, z_channels)
-            self.prior = GaussianLSTM(h_channels, lstm_width, posterior_layers, z_channels)
+            self.latent = GaussianLatent(z_channels) if latent == "gaussian" else CategoricalLatent(z_channels, latent_classes)
+            stats = self.latent.stats_per_channel * z_channels
+            self.posterior = LatentLSTM(h_channels, lstm_width, posterior_layers, stats)
+            self.prior = LatentLSTM(h_channels, lstm_width, posterior_layers, stats)
         predictor_in = h_channels + (z_channels if self.stochastic else 0)
         if variant == "cnn":
             self.predictor = ConvStack(predictor_in, lstm_width, predictor_layers)
         else:
             self.predictor = ConvLSTM(predictor_in, lstm_width, predictor_layers)
         self.to_g = conv3x3(lstm_width, h_channels)
-        if warp:
-            # flow at the latent resolution from [g, z]: z decides, per 8x8 cell, whether a boundary moves this
-            # step. Zero at the start: the warp path begins as the copy of the previous frame.
-            self.to_flow = conv3x3(h_channels + (z_channels if self.stochastic else 0), 2)
-            nn.init.zeros_(self.to_flow.weight)
-            nn.init.zeros_(self.to_flow.bias)
-            # class ids to compare labels with (the warp path's one-hot), made once, not in every rollout step
-            self.register_buffer("class_ids", torch.arange(num_classes).view(1, -1, 1, 1), persistent=False)
         self.memory_format = torch.contiguous_format
 
     # ------------------------------------------------------------------ frames in and out
@@ -280,39 +333,23 @@ class StructureModel(nn.Module):
         out, state = self.predictor(x, state)
         return F.relu(self.to_g(out)), state
 
-    def output(self, raw: torch.Tensor, motion=None) -> torch.Tensor:
-        """Decoder output -> log-probabilities over classes (fp32), or RGB in [-1, 1]. With the warp path,
-        motion = (previous frame's uint8 labels, flow from motion()): a mixture, per pixel, of the previous
-        frame warped by the flow and the decoder's distribution, weighted by the decoder's extra channel."""
+    def decode(self, g, skips, z) -> torch.Tensor:
+        """The decoder's raw fp32 output (logits or pre-tanh RGB)."""
+        return self.decoder(g, skips, z if self.z_to_decoder else None).float()
+
+    def output(self, raw: torch.Tensor) -> torch.Tensor:
+        """Decoder output -> log-probabilities over classes (fp32), or RGB in [-1, 1]."""
         if self.variant == "rgb":
             return torch.tanh(raw.float())
-        if not self.warp:
-            return F.log_softmax(raw.float(), 1)
-        previous, flow = motion
-        logits, mix = raw.float().split([self.num_classes, 1], 1)
-        # a comparison, not F.one_hot (which checks the range on the host: a sync in the rollout's hot loop);
-        # void (>= N) is an all-zero pixel
-        onehot = (previous.unsqueeze(1).long() == self.class_ids).float()
-        flow = F.interpolate(flow.float(), size=self.size, mode="bilinear", align_corners=False)
-        warped = kernels.warp(onehot, flow)   # bilinear weights of a one-hot: >= 0 already
-        log_warped = torch.log(warped + WARP_EPS) - math.log1p(self.num_classes * WARP_EPS)
-        return torch.logaddexp(F.logsigmoid(mix) + log_warped, F.logsigmoid(-mix) + F.log_softmax(logits, 1))
-
-    def motion(self, g: torch.Tensor, z) -> torch.Tensor:
-        """The warp path's flow (B, 2, h, w) in full-resolution pixels at the latent resolution."""
-        return self.to_flow(g if z is None else torch.cat([g, z.to(g.dtype)], 1))
+        return F.log_softmax(raw.float(), 1)
 
     # ------------------------------------------------------------------ teacher forcing
 
-    def forward(self, frames: torch.Tensor, n_past: int, generator: torch.Generator | None = None,
-                feedback: float = 0.0) -> dict:
+    def forward(self, frames: torch.Tensor, n_past: int, generator: torch.Generator | None = None) -> dict:
         """Teacher-forced pass over a clip. frames: uint8 labels (B, T, H, W) or RGB (B, T, 3, H, W).
-        Targets are frames 1..T-1, each predicted from the frames before it with z from the posterior of the
-        true target. With `feedback` > 0 (scheduled sampling), each future input frame (index >= n_past) is,
-        with that probability per clip, the model's own detached prediction of it fed back as at rollout
-        (argmax, softmax or RGB): the model then learns to go on from its own outputs, not only from true
-        frames. Returns out (B, T-1, C, H, W) log-probabilities (or RGB) and kl (B, T-1), zero without a latent,
-        and kl_prior / kl_posterior, the same values with gradients to one side only."""
+        Targets are frames 1..T-1, each predicted from the true frames before it with z from the posterior
+        of the true target. Returns out (B, T-1, C, H, W) log-probabilities (or RGB) and kl (B, T-1), zero
+        without a latent, and kl_prior / kl_posterior, the same values with gradients to one side only."""
         batch, length = frames.shape[:2]
         codes, skips = self.encode_frames(frames.flatten(0, 1))
         codes = codes.view(batch, length, *codes.shape[1:])
@@ -326,63 +363,35 @@ class StructureModel(nn.Module):
                       if self.variant != "cnn" else None)
         # skip source for target t: frame t-1, or frozen at the last context frame past the context
         sources = [min(t, n_past - 1) if self.skip == "last_context" else t for t in range(length - 1)]
-        fed_back = feedback > 0 and length - 1 > n_past
-        in_code, in_skips = codes[:, 0], [s[:, 0] for s in skips]   # the input frame of the current step
-        in_frame = frames[:, 0]
-        gs, flows, outs, kls, kls_prior, kls_posterior = [], [], [], [], [], []
-        all_at_once = self.variant == "cnn" and not fed_back  # no recurrence and only true inputs
-        if all_at_once:
+        gs, zs, kls, kls_prior, kls_posterior = [], [], [], [], []
+        if self.variant == "cnn":  # no recurrence: every step at once
             g, _ = self.predict_g(codes[:, :-1].flatten(0, 1), None, None)
             gs = list(g.view(batch, length - 1, *g.shape[1:]).unbind(1))
-            if self.warp:
-                flows = list(self.motion(g, None).view(batch, length - 1, 2, *g.shape[2:]).unbind(1))
-        for t in range(1, 1 if all_at_once else length):
+        for t in range(1, 1 if self.variant == "cnn" else length):
             z = None
             if self.stochastic:
-                mu_q, logvar_q, post_state = self.posterior(codes[:, t], post_state)
-                mu_p, logvar_p, prior_state = self.prior(in_code, prior_state)
-                noise = torch.randn(mu_q.shape, generator=generator, device=device)
-                z = mu_q + noise * (0.5 * logvar_q).exp()
-                kls.append(gaussian_kl(mu_q, logvar_q, mu_p, logvar_p))
+                stats_q, post_state = self.posterior(codes[:, t], post_state)
+                stats_p, prior_state = self.prior(codes[:, t - 1], prior_state)
+                z = self.latent.sample(stats_q, torch.randn(stats_q.shape[0], self.z_channels, latent_h, latent_w,
+                                                            generator=generator, device=device))
+                kls.append(self.latent.kl(stats_q, stats_p))
                 # the same value with gradients to one side only (KL balancing)
-                kls_prior.append(gaussian_kl(mu_q.detach(), logvar_q.detach(), mu_p, logvar_p))
-                kls_posterior.append(gaussian_kl(mu_q, logvar_q, mu_p.detach(), logvar_p.detach()))
-            g, pred_state = self.predict_g(in_code, z, pred_state)
-            flow = self.motion(g, z) if self.warp else None
-            if not fed_back:  # decoded all at once after the loop
-                gs.append(g)
-                flows.append(flow)
-                in_code = codes[:, t]
-                continue
-            source = sources[t - 1]
-            step_skips = in_skips if source == t - 1 else [s[:, source] for s in skips]
-            raw = self.decoder(g, step_skips).float()
-            out_t = self.output(raw, (in_frame, flow) if self.warp else None)
-            outs.append(out_t)
-            in_code, in_skips, in_frame = codes[:, t], [s[:, t] for s in skips], frames[:, t]
-            if n_past <= t < length - 1:
-                own_frame, own_x = self.fed_back((out_t if self.warp else raw).detach())
-                own_code, own_skips = self.encode_input(own_frame, own_x)
-                use = (torch.rand(batch, generator=generator, device=device) < feedback).view(batch, 1, 1, 1)
-                in_code = torch.where(use, own_code.to(in_code.dtype), in_code)
-                in_skips = [torch.where(use, own.to(true.dtype), true) for own, true in zip(own_skips, in_skips)]
-                if self.warp:
-                    in_frame = torch.where(use[:, 0], own_frame, in_frame)
-        if fed_back:
-            out = torch.stack(outs, 1)
-        else:
-            g = torch.stack(gs, 1).flatten(0, 1)
-            picked = [s[:, sources].flatten(0, 1) for s in skips]
-            motion = (frames[:, :-1].flatten(0, 1), torch.stack(flows, 1).flatten(0, 1)) if self.warp else None
-            out = self.output(self.decoder(g, picked), motion)
-            out = out.view(batch, length - 1, *out.shape[1:])
+                kls_prior.append(self.latent.kl(stats_q.detach(), stats_p))
+                kls_posterior.append(self.latent.kl(stats_q, stats_p.detach()))
+            g, pred_state = self.predict_g(codes[:, t - 1], z, pred_state)
+            gs.append(g)
+            zs.append(z)
+        g = torch.stack(gs, 1).flatten(0, 1)
+        z = torch.stack(zs, 1).flatten(0, 1) if self.stochastic else None
+        picked = [s[:, sources].flatten(0, 1) for s in skips]
+        out = self.output(self.decode(g, picked, z))
+        out = out.view(batch, length - 1, *out.shape[1:])
         zeros = torch.zeros(batch, length - 1, device=device)
-        stack = lambda values: torch.stack(values, 1) if values else zeros  # noqa: E731
-        return {"out": out, "kl": stack(kls), "kl_prior": stack(kls_prior), "kl_posterior": stack(kls_posterior)}
+        return {"out": out, "kl": stacked(kls, zeros), "kl_prior": stacked(kls_prior, zeros),
+                "kl_posterior": stacked(kls_posterior, zeros)}
 
     def fed_back(self, raw: torch.Tensor):
-        """What a prediction feeds back, from the decoder's fp32 output (with the warp path: from output()'s
-        log-probabilities, whose argmax is the prediction): (frames, None) with the argmax indices
+        """What a prediction feeds back, from the decoder's fp32 output: (frames, None) with the argmax indices
         (svg, lstm, cnn; uint8), or (None, x) with the softmax (soft) or the RGB frame in [-1, 1] (rgb).
         The rollout step and scheduled sampling in training both use it; encode_input() encodes it."""
         if self.variant == "rgb":
@@ -425,8 +434,6 @@ class StructureModel(nn.Module):
         if self.variant != "cnn":
             state.lstm["predictor"] = self.predictor.zero_state(rows, latent_h, latent_w, device, fmt)
         state.code = torch.zeros(rows, self.h_channels, latent_h, latent_w, device=device).contiguous(memory_format=fmt)
-        if self.warp:
-            state.frame = torch.zeros(rows, *self.size, dtype=torch.uint8, device=device)
         state.skips = [torch.zeros(rows, block[-1].out_channels, self.size[0] // 2**i, self.size[1] // 2**i,
                                    device=device).contiguous(memory_format=fmt)
                        for i, block in enumerate(self.encoder.blocks)]
@@ -435,10 +442,10 @@ class StructureModel(nn.Module):
     def _advance(self, state: RolloutState, z, generator):
         """Prior and predictor one step on the current code; returns g and z and writes the LSTM states."""
         if "prior" in state.lstm:
-            mu_p, logvar_p, prior_new = self.prior(state.code, state.lstm["prior"])
+            stats_p, prior_new = self.prior(state.code, state.lstm["prior"])
             if z is None:  # predicting: z from the prior
                 state.noise.normal_(generator=generator)
-                z = mu_p + state.noise * (0.5 * logvar_p).exp()
+                z = self.latent.sample(stats_p, state.noise)
             for buffers, values in zip(state.lstm["prior"], prior_new):
                 _assign(buffers, values)
         g, pred_new = self.predict_g(state.code, z, state.lstm.get("predictor"))
@@ -469,17 +476,15 @@ class StructureModel(nn.Module):
         z comes from the posterior of this (true) frame; the predictor's state advances; the frame becomes
         the code and skip source for the next step."""
         frame = self._rows(state, frame)
-        if self.warp:
-            state.frame.copy_(frame)
         if state.observed == 0:
             self._encode_into(state, frames=frame)
         else:
             code, skips = self.encode_frames(frame)
             z = None
             if self.stochastic:
-                mu_q, logvar_q, post_new = self.posterior(code, state.lstm["posterior"])
+                stats_q, post_new = self.posterior(code, state.lstm["posterior"])
                 state.noise.normal_(generator=generator)
-                z = mu_q + state.noise * (0.5 * logvar_q).exp()
+                z = self.latent.sample(stats_q, state.noise)
                 for buffers, values in zip(state.lstm["posterior"], post_new):
                     _assign(buffers, values)
             self._advance(state, z, generator)
@@ -496,12 +501,8 @@ class StructureModel(nn.Module):
         if state.observed == 0:
             raise RuntimeError("step: observe at least one context frame first")
         g, z = self._advance(state, None, generator)
-        raw = self.decoder(g, state.skips).float()
-        if self.warp:
-            index, x = self.fed_back(self.output(raw, (state.frame, self.motion(g, z))))
-            state.frame.copy_(index)
-        else:
-            index, x = self.fed_back(raw)
+        raw = self.decode(g, state.skips, z)
+        index, x = self.fed_back(raw)
         self._encode_into(state, frames=index, x=x, update_skips=self.skip == "previous")
         if self.variant == "rgb":
             return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)

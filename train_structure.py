@@ -9,9 +9,8 @@
 Objective (paper eq. 1) per training clip of T frames, teacher forced (true frames in, z from the
 posterior): sum over t = 1..T-1 of NLL(s_t) (mean over pixels) + beta * KL(q(z_t) || p(z_t)) (summed over
 latent elements, mean over the batch). Ablations: structure.variant = lstm | cnn | soft | rgb.
-Optional, off by default (docs/cpu_structure_runs.md): kl_warmup, free_nats, kl_balance (the KL term),
-change_weight (NLL weight of changing pixels) and scheduled_sampling (own predictions fed back), both
-after a first plain_fraction of the budget trained with the paper's objective.
+Optional, off by default (docs/design.md, "Opening the latent"): kl_warmup, free_nats, kl_balance (the KL
+term), latent=categorical and z_to_decoder (the model).
 Outputs in RUN_DIR/structure/: last.pt (+ last.yaml), samples/*.gif (context | prediction | truth),
 loss.png, log.txt. The model classes and the rollout step API live in structure_model.py.
 """
@@ -34,7 +33,8 @@ from structure_model import RolloutState, StructureModel, paper_blocks, pool_cou
 # Keys that define the weights' shapes: a checkpoint trained with other values is refused.
 ARCH_KEYS = ["structure.variant", "structure.encoder_blocks", "structure.width_mult", "structure.lstm_width",
              "structure.lstm_mult", "structure.h_channels", "structure.z_channels", "structure.posterior_layers",
-             "structure.predictor_layers", "structure.warp", "data.num_classes", "data.size"]
+             "structure.predictor_layers", "structure.latent", "structure.latent_classes", "structure.z_to_decoder",
+             "data.num_classes", "data.size"]
 
 
 # ----------------------------------------------------------------------------- model from config
@@ -66,7 +66,7 @@ def build_model(cfg) -> StructureModel:
                               h_channels=s.h_channels, z_channels=s.z_channels,
                               lstm_width=max(1, round(s.lstm_width * s.lstm_mult)),
                               posterior_layers=s.posterior_layers, predictor_layers=s.predictor_layers, skip=s.skip,
-                              warp=s.warp)
+                              latent=s.latent, latent_classes=s.latent_classes, z_to_decoder=s.z_to_decoder)
     except ValueError as e:
         raise common.ConfigError(str(e)) from None
 
@@ -103,15 +103,6 @@ def kl_weight(cfg, step: int | None) -> float:
     return s.beta * min(1.0, step / s.kl_warmup)
 
 
-def feedback_probability(cfg, step: int) -> float:
-    """structure.scheduled_sampling, ramped linearly from 0 over structure.scheduled_sampling_ramp steps
-    (`step` counts from where the options switch on, see training_options)."""
-    s = cfg.structure
-    if s.scheduled_sampling_ramp <= 0:
-        return s.scheduled_sampling
-    return s.scheduled_sampling * min(1.0, step / s.scheduled_sampling_ramp)
-
-
 def budget_used(cfg, step: int, seconds: float, clock_fraction: float, device) -> tuple[float, float]:
     """The fraction of the training budget used: of structure.iterations, or of structure.max_minutes (the
     wall time of this process) when that is set and runs out sooner. The clock is read every log_every
@@ -133,41 +124,22 @@ def learning_rate(cfg, used: float) -> float:
     return s.lr * (s.lr_min + (1 - s.lr_min) * 0.5 * (1 + math.cos(math.pi * min(1.0, used))))
 
 
-def training_options(cfg, step: int, options_from: int | None) -> tuple[float, float]:
-    """(change_weight, scheduled-sampling probability) at a training step. options_from is the step at
-    which the plain phase ended (None while it lasts): before it the paper's plain objective, teacher
-    forced; from it the configured options, the sampling ramp counted from there."""
-    if options_from is None:
-        return 1.0, 0.0
-    return cfg.structure.change_weight, feedback_probability(cfg, step - options_from)
-
-
 def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ignore_index: int,
-              step: int | None = None, change_weight: float | None = None) -> dict:
-    """Sum over steps of (per-step reconstruction + beta * KL); also the per-step means for logging (the
-    plain reconstruction, whatever change_weight is). `step` (training) applies the KL warm-up; without
-    it the full beta is used (validation). change_weight: None = structure.change_weight."""
+              step: int | None = None) -> dict:
+    """Sum over steps of (per-step reconstruction + beta * KL); also the per-step means for logging. `step`
+    (training) applies the KL warm-up; without it the full beta is used (validation)."""
     s = cfg.structure
-    change_weight = s.change_weight if change_weight is None else change_weight
     out, targets = result["out"], frames[:, 1:]
     if model.variant == "rgb":
         diff = out - (targets.float() / 127.5 - 1)
         per_pixel = diff.abs() if s.rgb_loss == "l1" else diff.square()
-        recon = weighted = per_pixel.flatten(2).mean(2).mean(0)               # (T-1,)
-        if change_weight != 1:
-            changed = (targets != frames[:, :-1]).any(2, keepdim=True)
-            weighted = (per_pixel * (1 + (change_weight - 1) * changed)).flatten(2).mean(2).mean(0)
+        recon = per_pixel.flatten(2).mean(2).mean(0)                            # (T-1,)
     else:
         targets = targets.long()
         nll = F.nll_loss(out.flatten(0, 1), targets.flatten(0, 1), ignore_index=ignore_index, reduction="none")
         valid = (targets != ignore_index).flatten(0, 1)
         per_step_count = valid.flatten(1).sum(1).view(out.shape[:2]).sum(0).clamp_min(1)
-        per_step_mean = lambda v: v.flatten(1).sum(1).view(out.shape[:2]).sum(0) / per_step_count  # noqa: E731
-        recon = weighted = per_step_mean(nll)                                  # (T-1,)
-        if change_weight != 1:  # pixels that change from the previous true frame weigh more: against argmax
-            # rollouts settling into a fixed point, where every small per-step change loses to "stay"
-            changed = (targets != frames[:, :-1].long()).flatten(0, 1)
-            weighted = per_step_mean(nll * (1 + (change_weight - 1) * changed))
+        recon = nll.flatten(1).sum(1).view(out.shape[:2]).sum(0) / per_step_count  # (T-1,)
     kl = result["kl"].mean(0)                                                  # (T-1,)
     # free nats: no KL pressure below the floor per frame, so the posterior may carry that much information
     floor = (lambda v: v.clamp_min(s.free_nats)) if s.free_nats > 0 else (lambda v: v)  # noqa: E731
@@ -175,7 +147,7 @@ def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ig
         penalised = (s.kl_balance * result["kl_prior"] + (1 - s.kl_balance) * floor(result["kl_posterior"])).mean(0)
     else:
         penalised = floor(result["kl"]).mean(0)
-    loss = weighted.sum() + kl_weight(cfg, step) * penalised.sum()
+    loss = recon.sum() + kl_weight(cfg, step) * penalised.sum()
     return {"loss": loss, "nll": recon.detach().mean(), "kl": kl.detach().mean()}
 
 
@@ -270,12 +242,9 @@ def check_config(cfg, world_size: int) -> None:
     s = cfg.structure
     checks = [(s.n_past >= 1, "structure.n_past must be >= 1"), (s.n_future >= 1, "structure.n_future must be >= 1"),
               (s.stride >= 1, "structure.stride must be >= 1"), (s.iterations >= 0, "structure.iterations must be >= 0"),
-              (s.change_weight >= 1, f"structure.change_weight must be >= 1, got {s.change_weight!r}"),
               (0 <= s.kl_balance < 1, f"structure.kl_balance must be in [0, 1), got {s.kl_balance!r}"),
-              (0 <= s.scheduled_sampling <= 1, f"structure.scheduled_sampling must be in [0, 1], got {s.scheduled_sampling!r}"),
               (s.lr_schedule in ("constant", "cosine"), f"structure.lr_schedule must be constant or cosine, got {s.lr_schedule!r}"),
               (0 <= s.lr_min <= 1, f"structure.lr_min must be in [0, 1], got {s.lr_min!r}"),
-              (0 <= s.plain_fraction < 1, f"structure.plain_fraction must be in [0, 1), got {s.plain_fraction!r}"),
               (s.rgb_loss in ("l1", "l2"), f"structure.rgb_loss must be l1 or l2, got {s.rgb_loss!r}"),
               (s.sample_format in ("gif", "mp4"), f"structure.sample_format must be gif or mp4, got {s.sample_format!r}"),
               (len(s.adam_betas) == 2, f"structure.adam_betas must be [beta1, beta2], got {s.adam_betas!r}"),
@@ -356,26 +325,18 @@ def main(argv=None) -> dict:
 
     step, started = start_step, time.time()
     loop_start, time_up, clock_fraction = started, False, 0.0
-    if s.plain_fraction == 0:
-        history["options_from"] = 0
     model.train()
     bar = common.progress(total=s.iterations, initial=start_step, disable=not dist.is_main, desc="structure")
     with common.StopSignal() as stop:
         while step < s.iterations:
-            plain_phase = history.get("options_from") is None
-            if plain_phase or s.lr_schedule != "constant":  # only these read the budget (and the clock)
+            if s.lr_schedule != "constant":  # only the schedule reads the budget (and the clock)
                 used, clock_fraction = budget_used(cfg, step, time.time() - loop_start, clock_fraction, device)
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(cfg, used)
-                if plain_phase and used >= s.plain_fraction:
-                    history["options_from"] = step  # saved in the checkpoint: a resumed run stays in this phase
-                    common.log(f"step {step}: structure.plain_fraction={s.plain_fraction} of the budget used; "
-                               f"change_weight {s.change_weight}, scheduled_sampling {s.scheduled_sampling} from here")
-            change_weight, feedback = training_options(cfg, step, history.get("options_from"))
             frames = next(loader)[modality].to(device, non_blocking=True)
             with common.autocast(device, cfg.run.precision):
-                result = trained(frames, s.n_past, feedback=feedback)
-            losses = clip_loss(model, result, frames, cfg, ignore_index, step, change_weight)
+                result = trained(frames, s.n_past)
+            losses = clip_loss(model, result, frames, cfg, ignore_index, step)
             optimizer.zero_grad(set_to_none=True)
             if common.loss_is_finite(losses["loss"], step, cfg.run.on_nonfinite):
                 scaler.scale(losses["loss"]).backward()

@@ -2,8 +2,10 @@
 
     synth-drive  a forward-moving camera on a procedural road (19 Cityscapes trainIds)   data/synth_drive.py
     synth-dance  one articulated figure dancing (background + 24 DensePose parts)        data/synth_dance.py
+    synth-scroll a side-scrolling landscape at 32x32 (9 classes): pixel-exact motion,     data/synth_scroll.py
+                 random births at the edges (the CPU-scale world)
 
-Both write label, rgb, instance and exact backward flow for every frame:
+All three write label, rgb, instance and exact backward flow for every frame:
 
     python -m data.synthetic drive --out datasets/synth_drive --sequences 40 --frames 300 --size 64 --seed 0
     python -m data.synthetic dance --out datasets/synth_dance --sequences 40 --frames 300 --size 128x128
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from data import synth_dance, synth_drive
+from data import synth_dance, synth_drive, synth_scroll
 
 GENERATOR_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -34,11 +36,14 @@ DRIVE_CLASSES = synth_drive.CLASSES
 DRIVE_PALETTE = synth_drive.PALETTE
 DANCE_CLASSES = synth_dance.CLASSES
 DANCE_PALETTE = synth_dance.PALETTE
+SCROLL_CLASSES = synth_scroll.CLASSES
+SCROLL_PALETTE = synth_scroll.PALETTE
 
 KINDS = {
     # kind: (meta kind, class names, palette, fps, frame generator)
     "drive": ("synth-drive", DRIVE_CLASSES, DRIVE_PALETTE, synth_drive.FPS, synth_drive.render_drive),
     "dance": ("synth-dance", DANCE_CLASSES, DANCE_PALETTE, synth_dance.FPS, synth_dance.render_dance),
+    "scroll": ("synth-scroll", SCROLL_CLASSES, SCROLL_PALETTE, synth_scroll.FPS, synth_scroll.render_scroll),
 }
 MODALITIES = ("label", "rgb", "instance", "flow")
 
@@ -65,7 +70,7 @@ def parse_size(size) -> tuple[int, int]:
 def _check_kind(kind: str) -> str:
     kind = kind.replace("synth-", "")
     if kind not in KINDS:
-        raise ValueError(f"kind {kind!r}: expected one of {sorted(KINDS)} (or synth-drive / synth-dance)")
+        raise ValueError(f"kind {kind!r}: expected one of {sorted(KINDS)} (or synth-drive / synth-dance / synth-scroll)")
     return kind
 
 

@@ -41,16 +41,17 @@ def test_mismatched_checkpoint_is_refused(random_dataset, tmp_path):
 
 
 def test_a_key_added_after_the_checkpoint_reads_as_its_default():
-    """A checkpoint written before a schema key existed (here structure.warp, dropped from its saved config)
+    """A checkpoint written before a schema key existed (here structure.z_to_decoder, dropped from its saved config)
     is read with that key's default, for the architecture check and for rebuilding the model."""
     saved = common.load_config(None, ["structure.lr=0.01"]).to_dict()
-    del saved["structure"]["warp"]
+    del saved["structure"]["z_to_decoder"]
     payload = {"config": saved}
     config = common.saved_config(payload)
-    assert config.structure.warp is False and config.structure.lr == 0.01
-    common.check_compatible(payload, common.load_config(None), ["structure.warp"], "old.pt")
-    with pytest.raises(common.CheckpointError, match="structure.warp=False but the config says structure.warp=True"):
-        common.check_compatible(payload, common.load_config(None, ["structure.warp=true"]), ["structure.warp"], "old.pt")
+    assert config.structure.z_to_decoder is False and config.structure.lr == 0.01
+    common.check_compatible(payload, common.load_config(None), ["structure.z_to_decoder"], "old.pt")
+    with pytest.raises(common.CheckpointError, match="structure.z_to_decoder=False but the config says structure.z_to_decoder=True"):
+        common.check_compatible(payload, common.load_config(None, ["structure.z_to_decoder=true"]),
+                                ["structure.z_to_decoder"], "old.pt")
 
 
 def test_unreadable_checkpoint_names_file(tmp_path):

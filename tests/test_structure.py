@@ -116,11 +116,11 @@ def test_training_reduces_loss_and_writes_outputs(tiny_drive, tmp_path):
 
 @pytest.mark.parametrize("variant", ["lstm", "cnn", "soft", "rgb"])
 def test_ablation_variants_train_and_generate(tiny_drive, tmp_path, variant):
-    # with every optional training trick on, so that each variant's fed-back path runs in the loop
+    # with every optional training trick on
     result = train_structure.main(tiny_args(tiny_drive, tmp_path, f"--structure.variant={variant}",
-                                            "--structure.iterations=2", "--structure.scheduled_sampling=1",
-                                            "--structure.change_weight=3", "--structure.kl_balance=0.8",
-                                            "--structure.free_nats=1", "--structure.kl_warmup=2"))
+                                            "--structure.iterations=2", "--structure.kl_balance=0.8",
+                                            "--structure.free_nats=1", "--structure.kl_warmup=2",
+                                            "--structure.z_to_decoder=true"))
     model = result["model"].eval()
     assert all(torch.isfinite(torch.tensor(v)) for _, v in result["history"]["train_loss"])
     if variant in ("lstm", "cnn"):
@@ -160,32 +160,6 @@ def test_free_nats_floor_the_penalised_kl_but_not_the_logged_one():
     assert result["kl"].grad.tolist() == [[0.0, 0.5], [0.0, 0.5]]  # no pressure below the floor
 
 
-def test_change_weight_weighs_changed_pixels_and_logs_the_plain_nll():
-    model = build_model(tiny_cfg())
-    frames = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
-    frames[:, 1, :8] = 1        # step 1: a quarter of the pixels change; step 2: an eighth change back
-    frames[:, 2, :4] = 1
-    result = {"out": torch.zeros(2, 2, 19, 32, 32).log_softmax(2), "kl": torch.zeros(2, 2)}
-    plain = train_structure.clip_loss(model, result, frames, tiny_cfg("structure.beta=0", "structure.change_weight=1"), 255)
-    heavy = train_structure.clip_loss(model, result, frames, tiny_cfg("structure.beta=0", "structure.change_weight=5"), 255)
-    log19 = torch.log(torch.tensor(19.0)).item()
-    assert plain["loss"].item() == pytest.approx(2 * log19, rel=1e-5)
-    assert heavy["loss"].item() == pytest.approx(log19 * ((1 + 4 * 0.25) + (1 + 4 * 0.125)), rel=1e-5)
-    assert heavy["nll"] == plain["nll"]
-    with pytest.raises(common.ConfigError, match="change_weight"):
-        train_structure.check_config(tiny_cfg("structure.change_weight=0.5"), 1)
-    # rgb: a pixel counts as changed when any channel does
-    rgb = torch.zeros(1, 2, 3, 4, 4, dtype=torch.uint8)
-    rgb[0, 1, 2, :2] = 255                                   # 8 of 16 pixels change (blue channel)
-    rgb_model = build_model(tiny_cfg("structure.variant=rgb"))
-    result = {"out": torch.zeros(1, 1, 3, 4, 4), "kl": torch.zeros(1, 1)}
-    cfg = lambda *o: tiny_cfg("structure.variant=rgb", "structure.beta=0", "structure.rgb_loss=l1", *o)  # noqa: E731
-    plain = train_structure.clip_loss(rgb_model, result, rgb, cfg("structure.change_weight=1"), 255)["loss"].item()
-    heavy = train_structure.clip_loss(rgb_model, result, rgb, cfg("structure.change_weight=3"), 255)["loss"].item()
-    # |out - target| is 1 everywhere (targets -1 or +1); the 8 changed pixels weigh 3 in all three channels
-    assert plain == pytest.approx(1.0) and heavy == pytest.approx((8 * 3 * 3 + 8 * 3) / 48)
-
-
 def test_kl_balance_always_trains_the_prior_and_floors_only_the_posterior_side():
     torch.manual_seed(0)
     model = build_model(tiny_cfg())
@@ -211,6 +185,47 @@ def test_kl_balance_always_trains_the_prior_and_floors_only_the_posterior_side()
     assert parts["kl"].grad is None
     with pytest.raises(common.ConfigError, match="kl_balance"):
         train_structure.check_config(tiny_cfg("structure.kl_balance=1.0"), 1)
+
+
+def test_categorical_latent_samples_one_hots_at_its_probabilities_with_exact_kl():
+    from structure_model import CategoricalLatent
+    latent = CategoricalLatent(8, 4)                        # two variables of 4 categories per cell
+    torch.manual_seed(0)
+    logits = torch.randn(2, 8, 3, 3, requires_grad=True)
+    z = latent.sample(logits, torch.randn(2, 8, 3, 3))
+    groups = z.detach().unflatten(1, (2, 4))
+    assert torch.allclose(groups.sum(2), torch.ones(2, 2, 3, 3)) and torch.allclose(groups, groups.round(), atol=1e-6)
+    (z * torch.randn_like(z)).sum().backward()              # straight-through: the probabilities get the gradient
+    assert logits.grad.abs().sum() > 0
+    # Gumbel-max over the N(0, 1) noise's CDF draws each category at its (unimix) probability
+    one = torch.tensor([2.0, 0.0, -1.0, 0.5]).view(1, 4, 1, 1)
+    draws = latent.sample(one.repeat(1, 2, 1, 1).expand(20000, 8, 1, 1), torch.randn(20000, 8, 1, 1))
+    expected = 0.99 * one.view(4).softmax(0) + 0.01 / 4
+    assert torch.allclose(draws.unflatten(1, (2, 4)).mean((0, 1)).view(4), expected, atol=0.015)
+    q, p = torch.randn(2, 8, 3, 3), torch.randn(2, 8, 3, 3)
+    log_q, log_p = latent.log_probs(q), latent.log_probs(p)
+    manual = (log_q.exp() * (log_q - log_p)).sum((1, 2, 3, 4))
+    assert torch.allclose(latent.kl(q, p), manual) and (manual > 0).all()
+    assert torch.allclose(latent.kl(q, q), torch.zeros(2), atol=1e-6)
+    with pytest.raises(common.ConfigError, match="latent_classes"):
+        build_model(tiny_cfg("structure.latent=categorical", "structure.latent_classes=3"))
+    model = build_model(tiny_cfg("structure.latent=categorical", "structure.latent_classes=4")).eval()
+    context = random_labels(2, 3, 32, 32)
+    first = model.generate(context, 6, samples=2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(first, model.generate(context, 6, samples=2, generator=torch.Generator().manual_seed(0)))
+
+
+def test_z_to_decoder_feeds_z_into_every_decoder_block():
+    torch.manual_seed(0)
+    plain, direct = build_model(tiny_cfg()), build_model(tiny_cfg("structure.z_to_decoder=true"))
+    z_channels = direct.z_channels
+    assert [b[0].in_channels - z_channels for b in direct.decoder.blocks] == [b[0].in_channels for b in plain.decoder.blocks]
+    g = torch.randn(2, direct.h_channels, 8, 8)
+    _, skips = direct.encode_frames(random_labels(2, 32, 32))
+    z_a, z_b = torch.randn(2, z_channels, 8, 8), torch.randn(2, z_channels, 8, 8)
+    assert (direct.decode(g, skips, z_a) - direct.decode(g, skips, z_b)).abs().amax() > 1e-3
+    _, skips = plain.encode_frames(random_labels(2, 32, 32))
+    assert torch.equal(plain.decode(g, skips, z_a), plain.decode(g, skips, z_b))   # z only through g
 
 
 def test_ddp_two_ranks_stay_identical(tiny_drive, tmp_path):
@@ -254,39 +269,11 @@ def test_mismatched_checkpoint_is_refused(tiny_drive, tmp_path):
 # ----------------------------------------------------------------------------- rollout step API
 
 def deterministic_models():
-    """(skip mode, untrained eval model) for the variants without a latent, lstm and cnn, in both skip modes,
-    without and with the warp path (its flow head drawn at random: it starts at zero)."""
+    """(skip mode, untrained eval model) for the variants without a latent, lstm and cnn, in both skip modes."""
     for variant in ("lstm", "cnn"):
         for skip in ("previous", "last_context"):
-            for warp in (False, True):
-                torch.manual_seed(0)
-                model = build_model(tiny_cfg(f"structure.variant={variant}", f"structure.skip={skip}",
-                                             f"structure.warp={str(warp).lower()}"))
-                if warp:
-                    torch.nn.init.normal_(model.to_flow.weight, std=0.5)
-                yield skip, model.eval()
-
-
-def test_warp_path_moves_the_previous_frame_by_its_flow():
-    """With the mixture weight all on the warp path and a flow of +1 pixel in x everywhere, the prediction is
-    the previous frame shifted left by one pixel (a backward warp: pixel x shows x + 1; the last column
-    repeats, border padding); a flow of zero copies it. The warp path is refused for soft and rgb."""
-    torch.manual_seed(0)
-    model = build_model(tiny_cfg("structure.variant=lstm", "structure.warp=true")).eval()
-    with torch.no_grad():
-        model.decoder.blocks[-1][-1].bias[-1] = 50.0          # the mixture logit: warp path only
-        clip = random_labels(2, 4, 32, 32, seed=4)
-        copied = model.generate(clip[:, :3], 1)[:, 0, 0]
-        assert torch.equal(copied, clip[:, 2])
-        model.to_flow.bias.copy_(torch.tensor([1.0, 0.0]))
-        shifted = model.generate(clip[:, :3], 1)[:, 0, 0]
-        assert torch.equal(shifted[..., :-1], clip[:, 2, :, 1:]) and torch.equal(shifted[..., -1], clip[:, 2, :, -1])
-        teacher = model(clip, n_past=3)["out"][:, 2]
-        assert torch.allclose(teacher.exp().sum(1), torch.ones(2, 32, 32), atol=1e-4)  # still a distribution
-        assert torch.equal(teacher.argmax(1).to(torch.uint8), shifted)
-    for variant in ("soft", "rgb"):
-        with pytest.raises(common.ConfigError, match="structure.warp"):
-            build_model(tiny_cfg(f"structure.variant={variant}", "structure.warp=true"))
+            torch.manual_seed(0)
+            yield skip, build_model(tiny_cfg(f"structure.variant={variant}", f"structure.skip={skip}")).eval()
 
 
 def test_step_api_matches_teacher_forcing():
@@ -300,53 +287,13 @@ def test_step_api_matches_teacher_forcing():
         assert torch.equal(first, teacher.to(torch.uint8))
 
 
-def test_full_feedback_training_pass_is_the_rollout():
-    """Scheduled sampling at probability 1 feeds the model's own predictions back exactly as the rollout does:
-    for the deterministic variants every future frame of forward() equals the free-running rollout's."""
-    for skip, model in deterministic_models():
-        clip = random_labels(2, 7, 32, 32, seed=2)
-        with torch.no_grad():
-            fed = model(clip, n_past=3, feedback=1.0)["out"][:, 2:]
-            teacher = model(clip, n_past=3)["out"][:, 2:]
-        rollout = model.generate(clip[:, :3], 4)[:, 0]
-        assert torch.equal(fed.argmax(2).to(torch.uint8), rollout), (model.variant, skip)
-        assert torch.allclose(fed[:, 0], teacher[:, 0], atol=1e-5)        # the first future frame: a true input
-        if skip == "previous":  # later ones: the model's own (an untrained net hardly sees the code alone)
-            assert (fed[:, 1:] - teacher[:, 1:]).abs().amax() > 1e-2
-
-
-def test_scheduled_sampling_mixes_per_clip_and_trains_every_part():
-    cfg = tiny_cfg("structure.scheduled_sampling=0.5", "structure.scheduled_sampling_ramp=10")
-    assert train_structure.feedback_probability(cfg, 5) == pytest.approx(0.25)
-    assert train_structure.feedback_probability(cfg, 50) == pytest.approx(0.5)
-    with pytest.raises(common.ConfigError, match="scheduled_sampling"):
-        train_structure.check_config(tiny_cfg("structure.scheduled_sampling=1.5"), 1)
-    torch.manual_seed(0)
-    model = build_model(tiny_cfg("structure.variant=lstm"))  # no latent: the clip draws are all that is random
-    clip = random_labels(8, 6, 32, 32, seed=3)
-    draw = lambda p: model(clip, n_past=3, generator=torch.Generator().manual_seed(0), feedback=p)["out"]  # noqa: E731
-    teacher, half, full = draw(0.0), draw(0.5), draw(1.0)
-    # the first two targets have true inputs in every case; later, about half the clips see their own frames
-    assert torch.allclose(teacher[:, :3], half[:, :3], atol=1e-5) and torch.allclose(teacher[:, :3], full[:, :3], atol=1e-5)
-    own = [not torch.allclose(half[b, 3:], teacher[b, 3:], atol=1e-5) for b in range(8)]
-    assert 0 < sum(own) < 8
-    for warp in ("false", "true"):  # the warp path's flow head too (it starts at zero)
-        cfg = tiny_cfg("structure.scheduled_sampling=0.5", f"structure.warp={warp}")
-        model = build_model(cfg)
-        losses = train_structure.clip_loss(model, model(clip, n_past=3, feedback=1.0), clip, cfg, 255)
-        losses["loss"].backward()
-        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-        if warp == "true":
-            assert model.to_flow.weight.grad.abs().sum() > 0
-
-
 def test_motion_teacher_is_the_teacher_forced_change_from_the_true_input_frame():
     model = build_model(tiny_cfg())
     batch = random_labels(2, 8, 32, 32, seed=5)
     cfg = tiny_cfg()
 
     def predicting(frames_out):  # a stand-in forward whose argmax is the given frames
-        def forward(frames, n_past, generator=None, feedback=0.0):
+        def forward(frames, n_past, generator=None):
             out = F.one_hot(frames_out(frames).long(), 19).permute(0, 1, 4, 2, 3).float().clamp_min(1e-6).log()
             zeros = torch.zeros(frames.shape[0], frames.shape[1] - 1)
             return {"out": out, "kl": zeros, "kl_prior": zeros, "kl_posterior": zeros}
@@ -370,27 +317,14 @@ def test_cosine_learning_rate_decays_over_the_budget():
         train_structure.check_config(tiny_cfg("structure.lr_schedule=linear"), 1)
 
 
-def test_plain_fraction_trains_the_paper_objective_first_then_switches_the_options_on(tiny_drive, tmp_path):
-    cfg = tiny_cfg("structure.plain_fraction=0.5", "structure.iterations=100", "structure.change_weight=3",
-                   "structure.scheduled_sampling=0.5", "structure.scheduled_sampling_ramp=10", "structure.log_every=10")
+def test_budget_is_steps_or_the_clock_whichever_runs_out_first():
     used = lambda c, step, seconds, last=0.0: train_structure.budget_used(c, step, seconds, last, "cpu")  # noqa: E731
-    assert used(cfg, 49, 0.0)[0] == 0.49 and used(cfg, 50, 0.0)[0] == 0.5
-    timed = tiny_cfg("structure.plain_fraction=0.5", "structure.iterations=100", "structure.max_minutes=10",
-                     "structure.log_every=10")
+    steps = tiny_cfg("structure.iterations=100", "structure.log_every=10")
+    assert used(steps, 49, 0.0)[0] == 0.49 and used(steps, 50, 0.0)[0] == 0.5
+    timed = tiny_cfg("structure.iterations=100", "structure.max_minutes=10", "structure.log_every=10")
     assert used(timed, 20, 301.0)[0] == pytest.approx(301 / 600)             # the clock, ahead of 20 / 100 steps
     assert used(timed, 21, 400.0, 0.5)[0] == 0.5                            # read every log_every steps only
     assert used(timed, 90, 1.0)[0] == 0.9                                   # steps, ahead of the clock
-    assert train_structure.training_options(cfg, 30, None) == (1.0, 0.0)  # the plain phase: teacher forcing, weight 1
-    assert train_structure.training_options(cfg, 55, 50) == (3.0, pytest.approx(0.25))  # the ramp starts at the switch
-    with pytest.raises(common.ConfigError, match="plain_fraction"):
-        train_structure.check_config(tiny_cfg("structure.plain_fraction=1.0"), 1)
-    options = ("--structure.plain_fraction=0.5", "--structure.change_weight=3", "--structure.scheduled_sampling=1")
-    first = train_structure.main(tiny_args(tiny_drive, tmp_path, "--structure.iterations=4", *options))
-    assert first["history"]["options_from"] == 2
-    resumed = train_structure.main(tiny_args(tiny_drive, tmp_path, "--structure.iterations=8", "--resume", *options))
-    assert resumed["step"] == 8 and resumed["history"]["options_from"] == 2  # kept, not recomputed from 8 steps
-    plain = train_structure.main(tiny_args(tiny_drive, tmp_path / "plain", "--structure.iterations=2"))
-    assert plain["history"]["options_from"] == 0                            # plain_fraction 0: options from the start
 
 
 def test_samples_are_batched_and_skip_mode_freezes_skips():
