@@ -393,57 +393,90 @@ def _label_counts(videos, num_classes: int) -> tuple[int, int, np.ndarray]:
     return changed, compared, np.bincount(videos.reshape(-1), minlength=256)[:num_classes].astype(np.float64)
 
 
+BIRTH_RADIUS = 3   # pixels: a label is born where its class is absent from the previous frame this close
+
+
+def _births(videos, num_classes: int, radius: int = BIRTH_RADIUS) -> int:
+    """Pixels of uint8 label videos (..., T, H, W) whose class is absent from the frame before within `radius`
+    pixels: objects that enter, appear or change class, as opposed to ones that move (by <= radius per step)."""
+    frames = torch.as_tensor(np.ascontiguousarray(videos)).long()
+    frames = frames.reshape(-1, *frames.shape[-3:])                                     # (V, T, H, W)
+    if frames.shape[1] < 2:
+        return 0
+    ids = torch.arange(num_classes).view(1, 1, -1, 1, 1)
+    present = F.max_pool2d((frames[:, :-1].unsqueeze(2) == ids).flatten(0, 2).float(), 2 * radius + 1, 1, radius)
+    present = present.view(*frames[:, :-1].shape[:2], num_classes, *frames.shape[2:])
+    later = frames[:, 1:]
+    known = later < num_classes   # void and other indices >= N are never born
+    hit = present.gather(2, later.clamp_max(num_classes - 1).unsqueeze(2)).squeeze(2)
+    return int(((hit == 0) & known).sum())
+
+
 def data_label_dynamics(root, split: str, stride: int, num_classes: int, meta: dict | None = None) -> dict:
     """The reference for label_dynamics: the data's own label change per step at the rollout's frame step
     and its class mix, over every sequence of a split (`meta`: the dataset's, read when not given)."""
     from data.layout import DatasetError, list_sequences, load_sequence, read_meta
     meta = meta or read_meta(root)
-    changed = compared = 0
+    changed = compared = born = 0
     counts = np.zeros(num_classes)
     for seq_dir in list_sequences(root, split):
-        seq_changed, seq_compared, seq_counts = _label_counts(load_sequence(seq_dir, "label", meta)[::stride],
-                                                              num_classes)
+        labels = load_sequence(seq_dir, "label", meta)[::stride]
+        seq_changed, seq_compared, seq_counts = _label_counts(labels, num_classes)
         changed, compared, counts = changed + seq_changed, compared + seq_compared, counts + seq_counts
+        born += _births(labels, num_classes)
     if compared == 0:
         raise DatasetError(f"{Path(root) / split}: no sequence has two label frames {stride} apart")
-    return {"change_per_step": changed / compared, "class_mix": (counts / max(counts.sum(), 1.0)).tolist(),
-            "dataset_root": str(root), "split": split, "stride": stride}
+    return {"change_per_step": changed / compared, "births_per_step": born / compared,
+            "class_mix": (counts / max(counts.sum(), 1.0)).tolist(), "dataset_root": str(root), "split": split,
+            "stride": stride}
 
 
 def label_dynamics(reader, reference: dict, window: int = 16, time_stride: int = 8) -> dict:
     """Whether the predicted structure keeps moving and keeps its class mix, the failure modes that no
     image metric names: per window [t, t + w) over every clip and sample, the fraction of pixels whose
-    label changes per step (against the data's, `reference`), the class mix and its total-variation
-    distance from the data's (0 = the same mix, 1 = disjoint), the largest class's share, and the fraction
-    of pixels where two samples of a clip differ at frame t (0 without a second sample). A rollout that
-    settles into a fixed point has change 0 from some t on; one that collapses has a largest share near 1."""
+    label changes per step (against the data's, `reference`), the fraction born per step (a class absent
+    from the previous frame within BIRTH_RADIUS pixels: what only the latent can decide), the class mix and
+    its total-variation distance from the data's (0 = the same mix, 1 = disjoint), the largest class's
+    share, and the fraction of pixels where two samples of a clip differ at frame t (0 without a second
+    sample). A rollout that settles into a fixed point has change 0 from some t on; one that collapses has a
+    largest share near 1. Summaries over the last quarter of the windows: change and births against the
+    data's, the mix distance, the largest excess of one class over its data share, and the classes with at
+    least 1% of the data's pixels that are gone."""
     num_classes = reader.protocol["num_classes"]
     data_mix = np.asarray(reference["class_mix"])
     pairs = [(a, b) for a in range(reader.num_samples) for b in range(a + 1, reader.num_samples)]
-    result = {k: [] for k in ("t", "change_per_step", "class_mix", "mix_distance", "largest_class_share",
-                              "sample_difference")}
+    result = {k: [] for k in ("t", "change_per_step", "births_per_step", "class_mix", "mix_distance",
+                              "largest_class_share", "sample_difference")}
     for t in reader.window_starts(window, time_stride):
         videos = reader.all_windows("label", t, window)   # (clips * samples, w, H, W), clip-major
         changed, compared, counts = _label_counts(videos, num_classes)
         mix = counts / max(counts.sum(), 1.0)
         change = changed / compared if compared else float("nan")   # a one-frame window has no step
+        births = _births(videos, num_classes) / compared if compared else float("nan")
         first = videos[:, 0].reshape(reader.num_clips, reader.num_samples, -1)
         differ = float(np.mean([(first[:, a] != first[:, b]).mean() for a, b in pairs])) if pairs else 0.0
-        for key, value in (("t", t), ("change_per_step", change), ("class_mix", mix.tolist()),
+        for key, value in (("t", t), ("change_per_step", change), ("births_per_step", births),
+                           ("class_mix", mix.tolist()),
                            ("mix_distance", 0.5 * float(np.abs(mix - data_mix).sum())),
                            ("largest_class_share", float(mix.max())), ("sample_difference", differ)):
             result[key].append(value)
     late = max(1, len(result["t"]) // 4)   # the last quarter of the windows
     change_late = float(np.mean(result["change_per_step"][-late:]))
+    births_late = float(np.mean(result["births_per_step"][-late:]))
+    mix_late = np.mean(result["class_mix"][-late:], 0)
     result.update(data=reference, window=window, time_stride=time_stride, change_late=change_late,
                   change_late_vs_data=change_late / max(reference["change_per_step"], 1e-12),
-                  mix_distance_late=float(np.mean(result["mix_distance"][-late:])))
+                  births_late=births_late,
+                  births_late_vs_data=births_late / max(reference.get("births_per_step", 0.0), 1e-12),
+                  mix_distance_late=float(np.mean(result["mix_distance"][-late:])),
+                  class_excess_late=float((mix_late - data_mix).max()),
+                  classes_lost_late=[int(c) for c in np.flatnonzero((data_mix >= 0.01) & (mix_late == 0))])
     return result
 
 
 def plot_label_dynamics(dynamics: dict, meta: dict, path) -> Path:
-    """Three panels over t: label change per step against the data's rate, sample difference, and the
-    class mix as stacked areas in the dataset's palette (the data's mix as the bar on the right)."""
+    """Four panels over t: label change and births per step against the data's rates, sample difference,
+    and the class mix as stacked areas in the dataset's palette (the data's mix as the bar on the right)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -452,12 +485,18 @@ def plot_label_dynamics(dynamics: dict, meta: dict, path) -> Path:
     palette = np.asarray(meta["palette"], np.float64).reshape(-1, 3) / 255.0
     names = meta.get("class_names") or [str(i) for i in range(len(palette))]
     # the class legend gets a column of its own, so that it does not squeeze the panels
-    fig, (change_ax, differ_ax, mix_ax, legend_ax) = plt.subplots(
-        1, 4, figsize=(14, 3.3), gridspec_kw={"width_ratios": [1, 1, 1.4, 0.55]})
+    fig, (change_ax, births_ax, differ_ax, mix_ax, legend_ax) = plt.subplots(
+        1, 5, figsize=(17, 3.3), gridspec_kw={"width_ratios": [1, 1, 1, 1.4, 0.55]})
     change_ax.plot(t, np.asarray(dynamics["change_per_step"]) * 100, lw=1.2, label="rollout")
     change_ax.axhline(dynamics["data"]["change_per_step"] * 100, color="k", ls="--", lw=1, label="data")
     change_ax.set_title("label change per step (%)", fontsize=9)
     change_ax.legend(fontsize=7)
+    if "births_per_step" in dynamics:
+        births_ax.plot(t, np.asarray(dynamics["births_per_step"]) * 100, lw=1.2, label="rollout")
+        if "births_per_step" in dynamics["data"]:
+            births_ax.axhline(dynamics["data"]["births_per_step"] * 100, color="k", ls="--", lw=1, label="data")
+        births_ax.legend(fontsize=7)
+    births_ax.set_title(f"born per step (%; class absent within {BIRTH_RADIUS} px)", fontsize=9)
     differ_ax.plot(t, np.asarray(dynamics["sample_difference"]) * 100, lw=1.2)
     differ_ax.set_title("samples differ at t (%)", fontsize=9)
     mix = np.asarray(dynamics["class_mix"]).T   # (classes, windows)
@@ -477,7 +516,7 @@ def plot_label_dynamics(dynamics: dict, meta: dict, path) -> Path:
     mix_ax.set_title("class mix (bar: data)", fontsize=9)
     legend_ax.axis("off")
     legend_ax.legend(*mix_ax.get_legend_handles_labels(), fontsize=6, loc="center left", frameon=False)
-    for ax in (change_ax, differ_ax, mix_ax):
+    for ax in (change_ax, births_ax, differ_ax, mix_ax):
         ax.set_xlabel("t (predicted frame)", fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle(f"label dynamics (window {dynamics['window']})", fontsize=10)
@@ -668,9 +707,11 @@ def run(cfg) -> dict:
         reference = data_label_dynamics(dataset_root, ev.train_split, reader.protocol["stride"],
                                         reader.protocol["num_classes"], meta)
         d = metrics["label_dynamics"] = label_dynamics(reader, reference, ev.window, ev.time_stride)
-        log(f"label dynamics: change per step {100 * d['change_late']:.2f}% over the last quarter "
-            f"({d['change_late_vs_data']:.2f}x the data's {100 * reference['change_per_step']:.2f}%), class mix "
-            f"{d['mix_distance_late']:.2f} from the data's (total variation), samples differ "
+        log(f"label dynamics over the last quarter: change per step {100 * d['change_late']:.2f}% "
+            f"({d['change_late_vs_data']:.2f}x the data's {100 * reference['change_per_step']:.2f}%), births per step "
+            f"{100 * d['births_late']:.3f}% ({d['births_late_vs_data']:.2f}x the data's), class mix "
+            f"{d['mix_distance_late']:.2f} from the data's (total variation), largest class excess "
+            f"{d['class_excess_late']:.2f}, classes lost {d['classes_lost_late'] or 'none'}; samples differ "
             f"{100 * d['sample_difference'][-1]:.1f}% at t = {d['t'][-1]}")
     if "short" in chosen:
         metrics["short_term"] = short_term(reader, ev.fvd_frames, ev.fvd_context, ev.segmenter, ev.batch_size,

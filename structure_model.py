@@ -345,10 +345,12 @@ class StructureModel(nn.Module):
 
     # ------------------------------------------------------------------ teacher forcing
 
-    def forward(self, frames: torch.Tensor, n_past: int, generator: torch.Generator | None = None) -> dict:
+    def forward(self, frames: torch.Tensor, n_past: int, generator: torch.Generator | None = None,
+                prior_z: bool = False) -> dict:
         """Teacher-forced pass over a clip. frames: uint8 labels (B, T, H, W) or RGB (B, T, 3, H, W).
         Targets are frames 1..T-1, each predicted from the true frames before it with z from the posterior
-        of the true target. Returns out (B, T-1, C, H, W) log-probabilities (or RGB) and kl (B, T-1), zero
+        of the true target (prior_z: from the prior, as at rollout; a diagnostic of how much the decoder
+        uses z and of how well the prior matches the posterior). Returns out (B, T-1, C, H, W) log-probabilities (or RGB) and kl (B, T-1), zero
         without a latent, and kl_prior / kl_posterior, the same values with gradients to one side only."""
         batch, length = frames.shape[:2]
         codes, skips = self.encode_frames(frames.flatten(0, 1))
@@ -372,7 +374,7 @@ class StructureModel(nn.Module):
             if self.stochastic:
                 stats_q, post_state = self.posterior(codes[:, t], post_state)
                 stats_p, prior_state = self.prior(codes[:, t - 1], prior_state)
-                z = self.latent.sample(stats_q, torch.randn(stats_q.shape[0], self.z_channels, latent_h, latent_w,
+                z = self.latent.sample(stats_p if prior_z else stats_q, torch.randn(stats_q.shape[0], self.z_channels, latent_h, latent_w,
                                                             generator=generator, device=device))
                 kls.append(self.latent.kl(stats_q, stats_p))
                 # the same value with gradients to one side only (KL balancing)

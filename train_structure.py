@@ -186,6 +186,12 @@ def validate(model: StructureModel, batch: torch.Tensor, cfg, ignore_index: int,
     result = model(batch[:, :n_past + n_future], n_past, generator=generator)
     losses = clip_loss(model, result, batch[:, :n_past + n_future], cfg, ignore_index)
     metrics = {"nll": float(losses["nll"]), "kl": float(losses["kl"])}
+    if model.stochastic and model.variant != "rgb":
+        # z from the prior instead of the posterior: the NLL it costs says how well the prior matches the
+        # posterior, and the pixels whose argmax changes how much the decoder's output depends on z
+        prior_run = model(batch[:, :n_past + n_future], n_past, generator=generator, prior_z=True)
+        metrics["nll_prior_z"] = float(clip_loss(model, prior_run, batch[:, :n_past + n_future], cfg, ignore_index)["nll"])
+        metrics["z_use"] = float((prior_run["out"].argmax(2) != result["out"].argmax(2)).float().mean())
     truth = batch[:, n_past:n_past + s.val_future]
     copy_last = batch[:, n_past - 1:n_past].expand_as(truth)
     predicted = model.generate(batch[:, :n_past], s.val_future, 1, generator)[:, 0]

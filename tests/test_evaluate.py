@@ -223,7 +223,8 @@ def test_shotwise_fvd_windows(tmp_path, monkeypatch):
 def test_label_dynamics_on_hand_made_rollouts(tmp_path):
     """Change per step, class mix, its distance from the data's and sample difference, against counts made by
     hand: sample 0 of each clip moves one 4x4 block of class 1 one column per step, then stops at frame 6;
-    sample 1 is sample 0 with one more pixel of class 2."""
+    sample 1 is sample 0 with one more pixel of class 2 until frame 7. At frame 9 a 2x2 block of class 3 is born in clip 1,
+    sample 0 (a class absent within 3 pixels the frame before), and stays: 4 births, then nothing."""
     frames, size = 12, (16, 16)
     writer = RolloutWriter(tmp_path / "rollout", dataset_root="unused", split="val", n_past=1, frames=frames,
                            samples=2, clips=[{"sequence": "s0", "start": 0}, {"sequence": "s1", "start": 0}],
@@ -231,25 +232,35 @@ def test_label_dynamics_on_hand_made_rollouts(tmp_path):
     labels = np.zeros((2, 2, frames) + size, np.uint8)
     for t in range(frames):
         x = min(t, 6)
-        labels[:, :, t, 0:4, x:x + 4] = 1
-    labels[:, 1, :, 15, 15] = 2
+        labels[:, :, t, 2:6, x:x + 4] = 1
+    labels[:, 1, :8, 15, 15] = 2
+    labels[1, 0, 9:, 10:12, 10:12] = 3
     for c in range(2):
         writer.write_context(c, label=labels[c, 0, :1])
     for start in range(0, frames, 5):
         writer.write_chunk(start, label=labels[:, :, start:start + 5])
     writer.finish()
     reader = read_rollout(tmp_path / "rollout")
-    reference = {"change_per_step": 0.01, "class_mix": [0.5, 0.5, 0.0, 0.0]}
+    reference = {"change_per_step": 0.01, "births_per_step": 0.001, "class_mix": [0.5, 0.5, 0.0, 0.0]}
     d = ev.label_dynamics(reader, reference, window=4, time_stride=4)
     assert d["t"] == [0, 4, 8]
-    # a block moving one column changes 8 of 256 pixels per step: 3 moving steps in [0, 4), 2 of 3 in [4, 8), none after
-    assert d["change_per_step"] == pytest.approx([8 / 256, 2 * 8 / 256 / 3, 0.0])
+    # a block moving one column changes 8 of 256 pixels per step: 3 moving steps in [0, 4), 2 of 3 in [4, 8), then
+    # only the birth: 4 pixels of 4 videos x 3 steps x 256 pixels; a block that moves by 1 pixel is never born
+    assert d["change_per_step"] == pytest.approx([8 / 256, 2 * 8 / 256 / 3, 4 / 3072])
+    assert d["births_per_step"] == pytest.approx([0.0, 0.0, 4 / 3072])
+    assert d["births_late"] == pytest.approx(4 / 3072) and d["births_late_vs_data"] == pytest.approx(4 / 3072 / 0.001)
     mix = np.array([256 - 16 - 0.5, 16, 0.5, 0]) / 256   # sample 1's extra class-2 pixel, averaged over 2 samples
     np.testing.assert_allclose(d["class_mix"][0], mix)
     assert d["mix_distance"][0] == pytest.approx(0.5 * np.abs(mix - np.array([0.5, 0.5, 0, 0])).sum())
-    assert d["largest_class_share"][2] == pytest.approx(mix[0])
-    assert d["sample_difference"] == pytest.approx([1 / 256] * 3)
-    assert d["change_late"] == 0.0 and d["change_late_vs_data"] == 0.0
+    assert d["largest_class_share"][1] == pytest.approx(mix[0])
+    assert d["sample_difference"] == pytest.approx([1 / 256, 1 / 256, 0.0])
+    assert d["change_late"] == pytest.approx(4 / 3072) and d["change_late_vs_data"] == pytest.approx(4 / 3072 / 0.01)
+    late_mix = np.array(d["class_mix"][2])
+    assert d["class_excess_late"] == pytest.approx(late_mix[0] - 0.5) and d["classes_lost_late"] == []
+    # class 2 (the extra pixel) is gone from frame 8 on: lost when the data has at least 1% of it
+    assert ev.label_dynamics(reader, {**reference, "class_mix": [0.5, 0.3, 0.2, 0.0]}, 4, 4)["classes_lost_late"] == [2]
+    assert ev.label_dynamics(reader, {**reference, "class_mix": [0.5, 0.49, 0.01, 0.0]}, 4, 4)["classes_lost_late"] == [2]
+    assert ev.label_dynamics(reader, {**reference, "class_mix": [0.5, 0.491, 0.009, 0.0]}, 4, 4)["classes_lost_late"] == []
     path = ev.plot_label_dynamics(d, {"palette": [[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]],
                                       "class_names": ["a", "b", "c", "d"]}, tmp_path / "dyn.png")
     assert path.stat().st_size > 1000
@@ -277,6 +288,7 @@ def test_data_label_dynamics_counts_changes_at_the_stride(tmp_path):
         write_frame(root / "train" / "seq_0", "label", t, label.reshape(4, 4))
     one = ev.data_label_dynamics(root, "train", stride=1, num_classes=2)
     assert one["change_per_step"] == pytest.approx(1 / 16)
+    assert one["births_per_step"] == pytest.approx(1 / 4 / 16)   # class 1 is absent from frame 0 only: 1 birth
     assert one["class_mix"] == pytest.approx([1 - 10 / 80, 10 / 80])
     assert ev.data_label_dynamics(root, "train", stride=2, num_classes=2)["change_per_step"] == pytest.approx(2 / 16)
     from data.layout import DatasetError
