@@ -24,7 +24,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent
 CONFIG_DIR = ROOT / "configs"
 DEFAULTS_DIR = CONFIG_DIR / "defaults"
-DEFAULT_CONFIG = "synth_drive.yaml"
+DEFAULT_CONFIG = "synth_scroll.yaml"
 
 
 class ConfigError(ValueError):

@@ -399,7 +399,7 @@ BIRTH_RADIUS = 3   # pixels: a label is born where its class is absent from the 
 def _births(videos, num_classes: int, radius: int = BIRTH_RADIUS) -> int:
     """Pixels of uint8 label videos (..., T, H, W) whose class is absent from the frame before within `radius`
     pixels: objects that enter, appear or change class, as opposed to ones that move (by <= radius per step)."""
-    frames = torch.as_tensor(np.ascontiguousarray(videos)).long()
+    frames = torch.from_numpy(np.array(videos, dtype=np.int64))
     frames = frames.reshape(-1, *frames.shape[-3:])                                     # (V, T, H, W)
     if frames.shape[1] < 2:
         return 0

@@ -217,14 +217,21 @@ class CategoricalLatent:
     probability the KL term learns directly, where a Gaussian prior must place it in a continuous space.
     Sampled by Gumbel-max from the same N(0, 1) noise buffer as the Gaussian (through its CDF), with
     straight-through gradients; the probabilities mix in `uniform` of the uniform distribution so that no
-    category's log-probability runs off to -inf (DreamerV3's unimix)."""
+    category's log-probability runs off to -inf (DreamerV3's unimix). Posterior and prior start on their
+    first category (logit +`start_logit`): z starts constant, not as noise that the decoder would learn to
+    ignore before the posterior has learnt to say anything (docs/opening_the_latent.md, run L)."""
     stats_per_channel = 1
     uniform = 0.01
+    start_logit = 3.0
 
     def __init__(self, z_channels: int, classes: int):
         if classes < 2 or z_channels % classes:
             raise ValueError(f"structure.latent_classes={classes} must be >= 2 and divide structure.z_channels={z_channels}")
         self.z_channels, self.classes = z_channels, classes
+
+    def init_head(self, conv: nn.Conv2d) -> None:
+        with torch.no_grad():
+            conv.bias.view(-1, self.classes)[:, 0] += self.start_logit
 
     def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
         grouped = logits.unflatten(1, (-1, self.classes))                         # (B, groups, classes, h, w)
@@ -308,6 +315,9 @@ class StructureModel(nn.Module):
             stats = self.latent.stats_per_channel * z_channels
             self.posterior = LatentLSTM(h_channels, lstm_width, posterior_layers, stats)
             self.prior = LatentLSTM(h_channels, lstm_width, posterior_layers, stats)
+            if latent == "categorical":
+                self.latent.init_head(self.posterior.to_stats)
+                self.latent.init_head(self.prior.to_stats)
         predictor_in = h_channels + (z_channels if self.stochastic else 0)
         if variant == "cnn":
             self.predictor = ConvStack(predictor_in, lstm_width, predictor_layers)
@@ -335,7 +345,11 @@ class StructureModel(nn.Module):
 
     def decode(self, g, skips, z) -> torch.Tensor:
         """The decoder's raw fp32 output (logits or pre-tanh RGB)."""
-        return self.decoder(g, skips, z if self.z_to_decoder else None).float()
+        if not self.z_to_decoder:
+            return self.decoder(g, skips).float()
+        # z in the activations' memory format: a mixed-format concatenation costs a layout copy of the
+        # finest block's whole input in forward and backward (19% of a synth_scroll training step)
+        return self.decoder(g, skips, z.contiguous(memory_format=self.memory_format)).float()
 
     def output(self, raw: torch.Tensor) -> torch.Tensor:
         """Decoder output -> log-probabilities over classes (fp32), or RGB in [-1, 1]."""

@@ -8,11 +8,12 @@
 #
 # 1. the kernel tests on CUDA (Triton compiled, not interpreted; forward and backward against the
 #    plain-torch references), 2. the kernel and rollout benchmarks (rows appended to bench/*.csv, copied
-#    to $OUT), 3. the structure generator's synth_drive config trained for STRUCTURE_MINUTES (default 4)
-#    with validation every VAL_EVERY steps: the question the CPU runs leave open is how many steps its
-#    latent needs before the rollouts keep moving (val KL, motion_free_late; docs/cpu_structure_runs.md),
-#    4. issue 4's bar on that model: 4 val clips x 2 samples rolled out for CHECK_FRAMES (default 500) label
-#    maps, scored by `evaluate.py --dynamics` (label change per step and class mix against the data's).
+#    to $OUT), 3. the structure generator of CONFIG (default synth_scroll.yaml) trained for STRUCTURE_MINUTES
+#    (default 4) with validation every VAL_EVERY steps: how many steps its latent needs before the rollouts
+#    keep moving (val KL, z_use, motion_free_late; docs/opening_the_latent.md); PAPER=1 trains the paper's
+#    recipe instead (Gaussian z through the predictor only, plain KL), 4. the persistent-rollout bar on that
+#    model: 4 val clips x 2 samples rolled out for CHECK_FRAMES (default 500) label maps, scored by
+#    `evaluate.py --dynamics` (change and births per step, class mix against the data's).
 # PART=all (the default) runs both in one command. At most 8 files come back from $OUT, so it holds at
 # most: env.txt, bench.log, kernels.csv, rollout.csv, structure.log, structure_loss.png,
 # structure_dynamics.png.
@@ -26,6 +27,9 @@ MINUTES=${STRUCTURE_MINUTES:-4}
 FRAMES=${CHECK_FRAMES:-500}
 VAL_EVERY=${VAL_EVERY:-2000}
 RUN_DIR=${RUN_DIR:-runs/device_check_structure}
+CONFIG=${CONFIG:-synth_scroll.yaml}
+recipe=()
+[ "${PAPER:-0}" = 1 ] && recipe=(--structure.latent=gaussian --structure.z_to_decoder=false --structure.kl_balance=0)
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
 mkdir -p "$OUT"
 status=0
@@ -39,9 +43,9 @@ if [ "${QUICK:-0}" = 1 ]; then
 else
     tests=(tests/test_kernels_*.py); kernel_args=(--budget 2); rollout_args=(); data_args=()
 fi
-structure_args=(--cfg synth_drive.yaml "--run.dir=$RUN_DIR" "--structure.max_minutes=$MINUTES"
+structure_args=(--cfg "$CONFIG" "--run.dir=$RUN_DIR" "--structure.max_minutes=$MINUTES"
                 --structure.iterations=10000000 "--structure.eval_every=$VAL_EVERY" "--structure.ckpt_every=$VAL_EVERY"
-                "${data_args[@]}")
+                "${recipe[@]}" "${data_args[@]}")
 
 { nvidia-smi 2>&1 || echo "no nvidia-smi"; python3 -c "import torch, triton, sys; print(sys.version); \
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); \
@@ -51,8 +55,8 @@ cat "$OUT/env.txt"
 
 if [ "$PART" != bench ]; then
     step "synthetic data (in the background while the benchmarks run)"
-    python3 -c "import sys, common, data; data.ensure_dataset(common.load_config('synth_drive.yaml', sys.argv[1:]))" \
-        "${data_args[@]/#--/}" > "$OUT/structure.log" 2>&1 &
+    python3 -c "import sys, common, data; data.ensure_dataset(common.load_config(sys.argv[1], sys.argv[2:]))" \
+        "$CONFIG" "${data_args[@]/#--/}" > "$OUT/structure.log" 2>&1 &
     data_pid=$!
 fi
 
@@ -74,7 +78,7 @@ if [ "$PART" != bench ]; then
     grep -E "val nll|stopping|parameters" "$OUT/structure.log"
     cp "$RUN_DIR/structure/loss.png" "$OUT/structure_loss.png" 2>/dev/null
     step "the trained model's rollouts: $FRAMES label maps, evaluate.py --dynamics"
-    check_args=(--cfg synth_drive.yaml "--run.dir=$RUN_DIR" "${data_args[@]}")
+    check_args=(--cfg "$CONFIG" "--run.dir=$RUN_DIR" "${recipe[@]}" "${data_args[@]}")
     { python3 rollout.py "${check_args[@]}" --frames "$FRAMES" --clips 4 --samples 2 --rollout.image_ckpt=none \
           --rollout.videos=false "--rollout.chunk=$(( FRAMES < 100 ? FRAMES : 100 ))" &&
       python3 evaluate.py "${check_args[@]}" --dynamics "--evaluate.time_stride=$(( FRAMES / 20 ))"; } \

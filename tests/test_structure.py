@@ -210,6 +210,10 @@ def test_categorical_latent_samples_one_hots_at_its_probabilities_with_exact_kl(
     with pytest.raises(common.ConfigError, match="latent_classes"):
         build_model(tiny_cfg("structure.latent=categorical", "structure.latent_classes=3"))
     model = build_model(tiny_cfg("structure.latent=categorical", "structure.latent_classes=4")).eval()
+    # both start on category 0: z is nearly constant before training, not noise
+    for head in (model.posterior, model.prior):
+        stats, _ = head(torch.randn(2, model.h_channels, 8, 8), head.lstm.zero_state(2, 8, 8, "cpu"))
+        assert model.latent.log_probs(stats).exp()[:, :, 0].mean() > 0.6
     context = random_labels(2, 3, 32, 32)
     first = model.generate(context, 6, samples=2, generator=torch.Generator().manual_seed(0))
     assert torch.equal(first, model.generate(context, 6, samples=2, generator=torch.Generator().manual_seed(0)))
