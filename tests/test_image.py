@@ -33,8 +33,8 @@ def torch_kernels_one_thread():
 
 def tiny_overrides(root, run_dir, steps=4, **extra):
     """32x32, widths 8: each training step takes a fraction of a second on one core."""
-    values = {"data.root": root, "data.size": "[32,32]", "data.synth": "none", "run.dir": run_dir,
-              "run.num_workers": 0, "image.ngf": 8, "image.ndf": 8, "image.n_downsample": 1, "image.n_blocks": 2,
+    values = {"data.root": root, "data.size": "[32,32]", "data.num_classes": 19, "data.synth": "none",
+              "run.dir": run_dir, "run.num_workers": 0, "image.ngf": 8, "image.ndf": 8, "image.n_downsample": 1, "image.n_blocks": 2,
               "image.tau": 2, "image.tau_d": 2, "image.temporal_scales": 2, "image.num_d": 1, "image.n_layers_d": 2,
               "image.frames_start": 2, "image.frames_max": 4, "image.double_every": 2, "image.batch_size": 2,
               "image.steps": steps, "image.decay_steps": 0, "image.use_flow": True, "image.use_edges": True,

@@ -297,7 +297,7 @@ def test_motion_teacher_is_the_teacher_forced_change_from_the_true_input_frame()
     cfg = tiny_cfg()
 
     def predicting(frames_out):  # a stand-in forward whose argmax is the given frames
-        def forward(frames, n_past, generator=None):
+        def forward(frames, n_past, generator=None, prior_z=False):
             out = F.one_hot(frames_out(frames).long(), 19).permute(0, 1, 4, 2, 3).float().clamp_min(1e-6).log()
             zeros = torch.zeros(frames.shape[0], frames.shape[1] - 1)
             return {"out": out, "kl": zeros, "kl_prior": zeros, "kl_posterior": zeros}
