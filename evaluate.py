@@ -396,20 +396,25 @@ def _label_counts(videos, num_classes: int) -> tuple[int, int, np.ndarray]:
 BIRTH_RADIUS = 3   # pixels: a label is born where its class is absent from the previous frame this close
 
 
-def _births(videos, num_classes: int, radius: int = BIRTH_RADIUS) -> int:
-    """Pixels of uint8 label videos (..., T, H, W) whose class is absent from the frame before within `radius`
-    pixels: objects that enter, appear or change class, as opposed to ones that move (by <= radius per step)."""
-    frames = torch.from_numpy(np.array(videos, dtype=np.int64))
-    frames = frames.reshape(-1, *frames.shape[-3:])                                     # (V, T, H, W)
-    if frames.shape[1] < 2:
-        return 0
+def born_mask(videos, num_classes: int, radius: int = BIRTH_RADIUS) -> np.ndarray:
+    """bool (..., T-1, H, W) for uint8 label videos (..., T, H, W): pixels whose class is absent from the frame
+    before within `radius` pixels, i.e. objects that enter, appear or change class, as opposed to ones that
+    move (by <= radius per step). Void and other indices >= N are never born."""
+    videos = np.asarray(videos)
+    if videos.shape[-3] < 2:
+        return np.zeros((*videos.shape[:-3], 0, *videos.shape[-2:]), bool)
+    frames = torch.from_numpy(videos.astype(np.int64)).reshape(-1, *videos.shape[-3:])    # (V, T, H, W)
+    earlier, later = frames[:, :-1], frames[:, 1:]
     ids = torch.arange(num_classes).view(1, 1, -1, 1, 1)
-    present = F.max_pool2d((frames[:, :-1].unsqueeze(2) == ids).flatten(0, 2).float(), 2 * radius + 1, 1, radius)
-    present = present.view(*frames[:, :-1].shape[:2], num_classes, *frames.shape[2:])
-    later = frames[:, 1:]
-    known = later < num_classes   # void and other indices >= N are never born
+    present = F.max_pool2d((earlier.unsqueeze(2) == ids).flatten(0, 2).float(), 2 * radius + 1, 1, radius)
+    present = present.view(*earlier.shape[:2], num_classes, *frames.shape[2:])
     hit = present.gather(2, later.clamp_max(num_classes - 1).unsqueeze(2)).squeeze(2)
-    return int(((hit == 0) & known).sum())
+    born = (hit == 0) & (later < num_classes)
+    return born.reshape(*videos.shape[:-3], videos.shape[-3] - 1, *videos.shape[-2:]).numpy()
+
+
+def _births(videos, num_classes: int) -> int:
+    return int(born_mask(videos, num_classes).sum())
 
 
 def data_label_dynamics(root, split: str, stride: int, num_classes: int, meta: dict | None = None) -> dict:

@@ -1,4 +1,4 @@
-"""Networks and losses of the image generator (train_image.py; SPEC section 5, paper section 2.2).
+"""Networks and losses of the image generator (train_image.py; paper section 2.2, docs/design.md).
 
 vid2vid's composite generator with one spatial scale:
 
@@ -53,7 +53,7 @@ def chain_flows(flows: torch.Tensor) -> torch.Tensor:
 
 def _norm(channels: int) -> nn.Module:
     # Per-sample statistics in training and eval alike (no running stats), so eval() changes nothing
-    # in the generator and a batch of one behaves like any other (SPEC: instance norm, not batch norm).
+    # in the generator and a batch of one behaves like any other (instance norm, not batch norm: docs/design.md).
     return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)
 
 
@@ -164,7 +164,7 @@ class ImageGenerator(nn.Module):
             composite, hallucinated, flow, mask = self._step(label_channels[:, t - tau:t + 1], seen)
             for key, value in zip(outputs, (composite, hallucinated, flow, mask)):
                 outputs[key].append(value)
-            # x_t feeds the next steps as data, not as a path for gradients (vid2vid, SPEC)
+            # x_t feeds the next steps as data, not as a path for gradients (as vid2vid)
             frames = torch.cat((frames[:, 1:], composite.detach().unsqueeze(1)), dim=1)
         return {key: torch.stack(values, dim=1) for key, values in outputs.items()}
 

@@ -1,4 +1,4 @@
-"""The structure generator's network (SPEC section 3; paper tables B-E): SVG-extend on label maps.
+"""The structure generator's network (paper section 2.1, tables B-E): SVG-extend on label maps.
 
     h_t, skips_t = encoder(s_t)                       h_t: h_channels x 8 x 8 (8 x 16 at 128x256)
     mu_q, logvar_q = posterior(h_t)                   ConvLSTM, then a 3x3 conv to (mu, log-variance)
@@ -233,17 +233,18 @@ class CategoricalLatent:
         with torch.no_grad():
             conv.bias.view(-1, self.classes)[:, 0] += self.start_logit
 
-    def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
         grouped = logits.unflatten(1, (-1, self.classes))                         # (B, groups, classes, h, w)
-        probs = (1 - self.uniform) * grouped.softmax(2) + self.uniform / self.classes
-        return probs.log()
+        return (1 - self.uniform) * grouped.softmax(2) + self.uniform / self.classes
+
+    def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.probs(logits).log()
 
     def sample(self, logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        log_p = self.log_probs(logits)
-        uniform = torch.special.ndtr(noise.to(log_p.dtype)).clamp(1e-6, 1 - 1e-6).view_as(log_p)
-        index = (log_p - torch.log(-torch.log(uniform))).argmax(2, keepdim=True)
-        onehot = torch.zeros_like(log_p).scatter_(2, index, 1.0)
-        probs = log_p.exp()
+        probs = self.probs(logits)
+        uniform = torch.special.ndtr(noise.to(probs.dtype)).clamp(1e-6, 1 - 1e-6).view_as(probs)
+        index = (probs.log() - torch.log(-torch.log(uniform))).argmax(2, keepdim=True)
+        onehot = torch.zeros_like(probs).scatter_(2, index, 1.0)
         return (onehot + probs - probs.detach()).flatten(1, 2)
 
     def kl(self, q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

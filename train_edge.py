@@ -1,4 +1,4 @@
-"""Train the boundary generator: label map -> instance boundary map, one frame at a time (SPEC section 4).
+"""Train the boundary generator: label map -> instance boundary map, one frame at a time (docs/design.md, "Boundary generator").
 
 An EdgeConnect-style generator (7x7 conv, two stride-2 convs, dilated residual blocks, two transposed
 convs, 7x7 conv to one channel, sigmoid; spectral and instance norm) against a PatchGAN on

@@ -1,4 +1,4 @@
-"""Train the structure generator: SVG-extend on label maps (SPEC section 3, paper section 2.1, tables B-E).
+"""Train the structure generator: SVG-extend on label maps (paper section 2.1, tables B-E; docs/design.md).
 
     python train_structure.py --cfg synth_drive.yaml                      # CPU, minutes
     python train_structure.py --cfg kitti64.yaml                          # the paper's KITTI 64x64 model

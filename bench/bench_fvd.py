@@ -1,4 +1,4 @@
-"""Reference FVDs on synthetic data and the cost of I3D feature extraction (SPEC section 7).
+"""Reference FVDs on synthetic data and the cost of I3D feature extraction (docs/design.md, "Evaluation").
 
     python bench/bench_fvd.py                     # 64 clips a set, 16 frames, 64x64
     python bench/bench_fvd.py --clips 128 --root datasets

@@ -1,4 +1,4 @@
-"""Benchmark the fused kernels against the unfused torch ops they replace (SPEC sections 8 and 9).
+"""Benchmark the fused kernels against the unfused torch ops they replace (docs/design.md, "Kernels" and "Benchmarks").
 
     python bench/bench_kernels.py                 # every kernel, realistic shapes, fp32 (+ bf16 on CUDA)
     python bench/bench_kernels.py --quick         # small batch, few repetitions

@@ -1,4 +1,4 @@
-"""Rollout throughput of the paper's 64x64 KITTI generators (SPEC section 9).
+"""Rollout throughput of the paper's 64x64 KITTI generators (docs/design.md, "Benchmarks").
 
     python bench/bench_rollout.py                       # batches 1, 10, 100; every variant this device has
     python bench/bench_rollout.py --batches 1 10 --steps 20 --cfg kitti64.yaml

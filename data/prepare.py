@@ -1,4 +1,4 @@
-"""Turn the public datasets into the HVP layout (SPEC section 2).
+"""Turn the public datasets into the HVP layout (docs/design.md, "Data layout").
 
     python -m data.prepare kitti      --src KITTI_RAW --labels SEG_DIR | --segmenter seg.pt --out datasets/kitti64 --size 64
     python -m data.prepare cityscapes --src CITYSCAPES --labels SEG_DIR | --segmenter seg.pt --out datasets/cityscapes128x256 --size 128x256

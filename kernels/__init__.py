@@ -1,4 +1,4 @@
-"""Fused Triton kernels with plain-torch references (SPEC section 8).
+"""Fused Triton kernels with plain-torch references (docs/design.md, "Kernels").
 
 Public functions dispatch on the backend switch (set_backend / $HVP_KERNEL_BACKEND: auto | triton |
 torch); the *_reference functions are the plain-torch definitions and the CPU path.

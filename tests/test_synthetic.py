@@ -9,6 +9,7 @@ from PIL import Image
 from data import synthetic
 from data.synthetic import (DANCE_CLASSES, DANCE_PALETTE, DRIVE_CLASSES, DRIVE_PALETTE, SCROLL_CLASSES, SCROLL_PALETTE,
                             generate_sequence, parse_size, write_dataset)
+from evaluate import born_mask
 
 KINDS = {"drive": len(DRIVE_CLASSES), "dance": len(DANCE_CLASSES), "scroll": len(SCROLL_CLASSES)}
 
@@ -143,13 +144,6 @@ def test_dance_moves_and_turns():
     assert all((labels[t] != labels[t + 1]).any() for t in range(0, 299, 7))
 
 
-def _born(labels, radius=3):
-    """(T-1, H, W): pixels whose class is absent from the previous frame within `radius` pixels."""
-    onehot = F.one_hot(torch.from_numpy(labels).long(), int(labels.max()) + 1).permute(0, 3, 1, 2).float()
-    near = F.max_pool2d(onehot, 2 * radius + 1, 1, radius)
-    return (near[:-1].gather(1, torch.from_numpy(labels[1:]).long()[:, None])[:, 0] == 0).numpy()
-
-
 def test_scroll_is_exact_motion_plus_births_at_the_edges():
     """Every label change is its layer's whole-pixel shift (flow) or a disocclusion behind a moving object,
     except objects that enter at the left or right edge; those births come at irregular times, in every
@@ -157,7 +151,7 @@ def test_scroll_is_exact_motion_plus_births_at_the_edges():
     seq = generate_sequence("scroll", 0, 400, 32)
     labels, flow = seq["label"], seq["flow"]
     assert set(np.unique(flow[1:, 0]).tolist()) <= {-1.0, 0.0, 1.0, 2.0, 3.0} and not flow[:, 1].any()
-    born = _born(labels)
+    born = born_mask(labels, len(SCROLL_CLASSES))
     columns = born.any(axis=(0, 1))
     assert not columns[3:-3].any(), f"births away from the edges, columns {np.flatnonzero(columns)}"
     ground_births = np.flatnonzero(born[:, :, -3:].any(axis=(1, 2)))
