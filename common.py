@@ -8,6 +8,7 @@ import contextlib
 import copy
 import io
 import os
+import pickle
 import random
 import re
 import signal
@@ -272,10 +273,26 @@ def save_config(cfg: Config, path) -> None:
 
 # ----------------------------------------------------------------------------- atomic files
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_read_umask()  # what open() would give a new file: mkstemp's 0600 would hide outputs from a lab
+
+
+def private_temp_file(directory, prefix: str = "", suffix: str = ".tmp") -> tuple[int, str]:
+    """mkstemp in `directory`, with the mode a plain open() would give (0644 under umask 022)."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=suffix)
+    os.fchmod(fd, FILE_MODE)
+    return fd, tmp
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = private_temp_file(path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -311,7 +328,11 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state in tensors and plain containers, so a checkpoint loads with weights_only=True."""
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                   "has_gauss": int(has_gauss), "cached_gauss": float(cached_gauss)}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -319,7 +340,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"], n["cached_gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -439,6 +461,9 @@ def grad_scaler(device: torch.device, precision: str):
 
 # ----------------------------------------------------------------------------- checkpoints
 
+CHECKPOINT_FORMAT = 2  # 2: RNG states as tensors and plain values, loadable with weights_only=True
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or does not match the config; the message says why."""
 
@@ -458,7 +483,7 @@ def save_checkpoint(path, *, step: int, cfg: Config, modules: dict, optimizers: 
     if not _DIST.is_main:
         return
     payload = {
-        "format": 1,
+        "format": CHECKPOINT_FORMAT,
         "step": step,
         "config": cfg.to_dict(),
         "modules": {k: unwrap(m).state_dict() for k, m in modules.items()},
@@ -475,16 +500,25 @@ def save_checkpoint(path, *, step: int, cfg: Config, modules: dict, optimizers: 
     save_config(cfg, path.with_suffix(".yaml"))
 
 
-def read_checkpoint(path, map_location="cpu") -> dict:
+def read_checkpoint(path) -> dict:
+    """A checkpoint's payload on the CPU. Weights-only unpickling: a file that holds anything but tensors and
+    plain containers (a pickle that would run code, or an older format) is refused, never executed. The
+    caller's load_state_dict moves what belongs on the device; RNG states must stay on the CPU."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found:  # a pickle that names a function or class: it could run code, so it is never executed
+            raise CheckpointError(f"checkpoint {path} is refused: it holds a {found.group(1)} object, and HVP loads "
+                                  f"weights only (tensors and plain containers)") from None
+        raise CheckpointError(f"checkpoint {path} cannot be read (not a torch file, or truncated)") from None
     except Exception as e:  # torch raises many kinds for truncated or foreign files
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
-    if not isinstance(payload, dict) or payload.get("format") != 1:
-        raise CheckpointError(f"checkpoint {path} is not an HVP checkpoint")
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not an HVP checkpoint of format {CHECKPOINT_FORMAT}")
     return payload
 
 
@@ -512,10 +546,10 @@ def check_compatible(payload: dict, cfg: Config, keys: list[str], path="checkpoi
 
 
 def load_checkpoint(path, *, modules: dict, optimizers: dict | None = None, schedulers: dict | None = None,
-                    scalers: dict | None = None, cfg: Config | None = None, check_keys=(), map_location="cpu",
+                    scalers: dict | None = None, cfg: Config | None = None, check_keys=(),
                     restore_rng: bool = True) -> dict:
     """Restore state in place; returns the payload (step, extra, config)."""
-    payload = read_checkpoint(path, map_location)
+    payload = read_checkpoint(path)
     if cfg is not None:
         check_compatible(payload, cfg, list(check_keys), path)
     for group_name, group in (("modules", modules), ("optimizers", optimizers or {}),

@@ -358,7 +358,7 @@ def main(argv=None) -> dict:
     if checkpoint is not None:
         payload = common.load_checkpoint(checkpoint, modules={"generator": generator, "discriminator": discriminator},
                                          optimizers={"g": opt_g, "d": opt_d}, scalers=scalers, cfg=cfg,
-                                         check_keys=CHECK_KEYS, map_location=device)
+                                         check_keys=CHECK_KEYS)
         start_step, history = payload["step"], payload["extra"].get("history", {})
         clock.update({k: payload["extra"].get(k, 0.0) for k in clock})
         common.log(f"resumed from {checkpoint} at step {start_step}")

@@ -89,7 +89,7 @@ def build_discriminators(cfg) -> tuple[MultiscaleDiscriminator, torch.nn.ModuleL
 
 def load_generator(path, device="cpu") -> tuple[ImageGenerator, common.Config]:
     """The trained generator of a checkpoint (RUN/image/last.pt) in eval mode, and its config."""
-    payload = common.read_checkpoint(path, map_location="cpu")
+    payload = common.read_checkpoint(path)
     cfg = common.saved_config(payload)
     if "generator" not in payload["modules"]:
         raise common.CheckpointError(f"{path}: not an image-generator checkpoint (no 'generator')")
@@ -218,8 +218,7 @@ def main(argv=None):
     path = common.resume_path(args, run_dir)
     if path is not None:
         payload = common.load_checkpoint(path, modules=modules, optimizers=optimizers, schedulers=schedulers,
-                                         scalers={"scaler": scaler}, cfg=cfg, check_keys=ARCH_KEYS,
-                                         map_location=device)
+                                         scalers={"scaler": scaler}, cfg=cfg, check_keys=ARCH_KEYS)
         step, history = payload["step"], payload["extra"].get("history", {})
         common.log(f"resumed from {path} at step {step}")
 

@@ -291,7 +291,7 @@ def main(argv=None) -> dict:
     checkpoint = common.resume_path(args, run_dir)
     if checkpoint is not None:
         payload = common.load_checkpoint(checkpoint, modules={"structure": model}, optimizers={"adam": optimizer},
-                                         scalers={"scaler": scaler}, cfg=cfg, check_keys=ARCH_KEYS, map_location=device,
+                                         scalers={"scaler": scaler}, cfg=cfg, check_keys=ARCH_KEYS,
                                          restore_rng=False)  # restored below, once the loader has drawn its seed
         start_step, history = payload["step"], payload["extra"]["history"]
         common.log(f"resumed from {checkpoint} at step {start_step}")

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import csv
-import os
+import io
 import platform
-import tempfile
 from pathlib import Path
 
 import torch
+
+import common
 
 
 def device_name(device: torch.device) -> str:
@@ -37,12 +38,9 @@ def append_csv(path, rows: list[dict], fields: list[str] | None = None) -> None:
     old = path.read_text() if path.exists() else ""
     if old and old.splitlines()[0].split(",") != fields:
         raise SystemExit(f"{path}: header differs from {fields}; move the file aside")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as f:
-        f.write(old)
-        writer = csv.DictWriter(f, fieldnames=fields)
-        if not old:
-            writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=fields)
+    if not old:
+        writer.writeheader()
+    writer.writerows(rows)
+    common.atomic_write_bytes(path, (old + text.getvalue()).encode())

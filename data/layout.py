@@ -15,11 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import yaml
+
+import common
 
 MODALITIES = {
     # name: (file suffix, packed dtype)
@@ -181,7 +182,7 @@ def load_sequence(seq_dir, modality: str, meta: dict | None = None) -> np.ndarra
             pass  # a damaged cache is rebuilt below
     packed = _pack(paths, modality, meta)
     cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".npy.tmp")
+    fd, tmp = common.private_temp_file(cache, suffix=".npy.tmp")
     with os.fdopen(fd, "wb") as f:
         np.save(f, packed)
     os.replace(tmp, packed_path)

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,47 @@ def test_video_and_plot_writers(tmp_path):
     assert mp4.stat().st_size > 0
     png = common.plot_curves({"loss": [(0, 1.0), (1, 0.5)], "kl": [(0, 2.0), (1, 1.0)]}, tmp_path / "p.png")
     assert png.stat().st_size > 0
+
+
+class _RunsCode:
+    """A pickle that would run code when loaded (here it would touch a file)."""
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_not_executed(random_dataset, tmp_path):
+    run(random_dataset, tmp_path / "r", steps=1)
+    payload = torch.load(tmp_path / "r" / "last.pt", weights_only=True)   # what HVP writes loads weights-only
+    marker = tmp_path / "executed"
+    hostile = _RunsCode()
+    hostile.marker = str(marker)
+    payload["extra"]["note"] = hostile
+    torch.save(payload, tmp_path / "r" / "last.pt")
+    with pytest.raises(common.CheckpointError, match="last.pt is refused: it holds a .* object, and HVP loads weights only"):
+        common.read_checkpoint(tmp_path / "r" / "last.pt")
+    assert not marker.exists()
+
+
+def test_resume_restores_every_rng_from_a_weights_only_checkpoint(random_dataset, tmp_path):
+    import random
+    import numpy as np
+    common.seed_everything(3)
+    np.random.rand(5)   # a cached Gaussian and a moved position are part of the state
+    np.random.randn(1)
+    saved = common.rng_state()
+    expected = (random.random(), np.random.randn(3).tolist(), torch.rand(2).tolist())
+    common.seed_everything(9)
+    common.set_rng_state(saved)
+    assert (random.random(), np.random.randn(3).tolist(), torch.rand(2).tolist()) == expected
+
+
+def test_outputs_respect_the_umask(tmp_path):
+    """A lab's shared run folder: files come out 0644 under umask 022 (mkstemp alone gives 0600)."""
+    old = os.umask(0o022)
+    try:
+        mode = subprocess.run([sys.executable, "-c", "import common, os, sys; common.atomic_write_bytes(sys.argv[1], b'x');"
+                               "print(oct(os.stat(sys.argv[1]).st_mode & 0o777))", str(tmp_path / "f.bin")],
+                              capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip()
+    finally:
+        os.umask(old)
+    assert mode == "0o644"

@@ -219,8 +219,8 @@ def test_train_resume_equals_uninterrupted(toy_root, tmp_path):
     assert first["step"] == 3
     resumed = train_edge.main(tiny_args(toy_root, tmp_path / "b", "--steps=6", "--edge.eval_every=3", "--resume"))
     assert resumed["step"] == 6
-    a = torch.load(tmp_path / "a" / "edge" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "edge" / "last.pt", weights_only=False)
+    a = common.read_checkpoint(tmp_path / "a" / "edge" / "last.pt")
+    b = common.read_checkpoint(tmp_path / "b" / "edge" / "last.pt")
     for name in ("generator", "discriminator"):
         assert a["modules"][name].keys() == b["modules"][name].keys()
         for key, value in a["modules"][name].items():

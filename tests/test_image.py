@@ -191,8 +191,8 @@ def test_resume_equals_uninterrupted(tiny_drive, tmp_path):
     train_image.main(tiny_overrides(tiny_drive, tmp_path / "resumed", steps=2, **extra))
     resumed = train_image.main(tiny_overrides(tiny_drive, tmp_path / "resumed", steps=4, **extra) + ["--resume"])
     assert straight["step"] == resumed["step"] == 4
-    a = torch.load(straight["run_dir"] / "last.pt", weights_only=False)["modules"]
-    b = torch.load(resumed["run_dir"] / "last.pt", weights_only=False)["modules"]
+    a = common.read_checkpoint(straight["run_dir"] / "last.pt")["modules"]
+    b = common.read_checkpoint(resumed["run_dir"] / "last.pt")["modules"]
     assert set(a) == {"generator", "image_d", "video_d"}
     for module in a:
         assert a[module].keys() == b[module].keys()
