@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import io
 import os
 import pickle
@@ -319,6 +320,46 @@ def atomic_path(path):
             tmp.unlink()
 
 
+class FolderBusy(RuntimeError):
+    """Another live process holds the folder's lock; the message names its pid."""
+
+
+_HELD_LOCKS: dict[Path, int] = {}
+
+
+def lock_folder(folder) -> Path:
+    """Take an exclusive lock on a run or rollout folder for the life of this process (flock on
+    `folder/.lock`, released by the kernel when the process ends however it ends), so that a second run
+    into the same folder stops at once instead of clobbering the first's checkpoints, logs or chunks.
+    Holding the lock proves no live writer is in the folder: temporary files left there by killed writers
+    (`.name.*.tmp`, `.name.pid.tmp.mp4`) are removed. Re-entrant within a process; rank 0 only under DDP."""
+    folder = Path(folder).resolve()
+    if not _DIST.is_main or folder in _HELD_LOCKS:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise FolderBusy(f"{folder} is in use by another run (pid {holder}); wait for it, or choose another "
+                         f"folder (run.dir / rollout.out)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD_LOCKS[folder] = fd
+    for stale in [*folder.rglob(".*.tmp"), *folder.rglob(".*.tmp.*")]:
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    return folder
+
+
+def unlock_folder(folder) -> None:
+    fd = _HELD_LOCKS.pop(Path(folder).resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
 # ----------------------------------------------------------------------------- seeding and RNG state
 
 def seed_everything(seed: int) -> None:
@@ -587,10 +628,13 @@ class StopSignal:
         self.requested = False
         self._previous = {}
 
+    signalled = False  # any instance, this process: main_guard then exits with EXIT_STOPPED
+
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        StopSignal.signalled = True
         log(f"received {signal.Signals(signum).name}: saving a checkpoint and stopping")
 
     def __enter__(self):
@@ -756,14 +800,24 @@ def fail(message: str, code: int = 2):
     raise SystemExit(code)
 
 
+EXIT_STOPPED = 75  # SIGINT/SIGTERM: stopped early after saving a checkpoint; --resume continues (EX_TEMPFAIL)
+
+
 def main_guard(fn):
-    """Run a script's main(): the errors users cause (config, data, checkpoint) print one line."""
+    """Run a script's main(): the errors users cause (config, data, checkpoint, a busy folder) print one
+    line; a run stopped by a signal exits with EXIT_STOPPED once its checkpoint is saved, so schedulers
+    and scripts can tell it from a finished one (exit 0)."""
     from data.layout import DatasetError
     from data.rollout_io import RolloutError
     try:
-        return fn()
-    except (ConfigError, CheckpointError, DatasetError, RolloutError, NonFiniteLoss) as e:
+        result = fn()
+    except (ConfigError, CheckpointError, DatasetError, RolloutError, NonFiniteLoss, FolderBusy) as e:
         fail(str(e))
+    else:
+        if StopSignal.signalled:
+            log(f"stopped by a signal; exit code {EXIT_STOPPED} (resume with the same command and --resume)")
+            raise SystemExit(EXIT_STOPPED)
+        return result
     finally:
         cleanup_distributed()
 

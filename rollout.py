@@ -319,6 +319,7 @@ def main(argv=None) -> Path:
         raise common.ConfigError(f"rollout.n_past={r.n_past} is shorter than the image generator's tau={pipeline.tau}")
     clips = pick_clips(cfg, meta, r.n_past, pipeline.stride)
     out_dir = Path(r.out or Path(cfg.run.dir) / "rollout")
+    common.lock_folder(out_dir)
     writer_args = dict(dataset_root=cfg.data.root, split=r.split, n_past=r.n_past, frames=r.frames,
                        samples=r.samples, clips=[{"sequence": c["sequence"], "start": c["start"]} for c in clips],
                        size=cfg.data.size, num_classes=cfg.data.num_classes, chunk=r.chunk, seed=cfg.run.seed,
@@ -350,6 +351,7 @@ def main(argv=None) -> Path:
     seconds = time.perf_counter() - started
     if not complete:
         common.log(f"stopped; resume with the same command to continue from frame {writer.frames_done()}")
+        common.unlock_folder(out_dir)
         return out_dir
     common.log(f"rolled out {total} frame-steps in {seconds:.1f}s ({total / max(seconds, 1e-9):.0f} frames/s)")
     if r.videos:
@@ -358,6 +360,7 @@ def main(argv=None) -> Path:
     if dist.is_main:
         writer.finish()
         common.log(f"rollout complete: {out_dir}")
+    common.unlock_folder(out_dir)
     return out_dir
 
 

@@ -345,7 +345,7 @@ def main(argv=None) -> dict:
     dist = common.setup_distributed(cfg.run.device)
     device = dist.device
     common.seed_everything(cfg.run.seed)  # the same initial weights on every rank
-    run_dir = Path(cfg.run.dir) / "edge"
+    run_dir = common.lock_folder(Path(cfg.run.dir) / "edge")
     meta, train_set, val_set = open_datasets(cfg, dist)
 
     generator, discriminator = build_model(cfg).to(device), build_discriminator(cfg).to(device)
@@ -438,6 +438,7 @@ def main(argv=None) -> dict:
         common.atomic_write_bytes(run_dir / "metrics.json", json.dumps(
             {"step": done, **clock, "tolerance": e.tolerance, "threshold": e.threshold,
              "val_frames": len(val_batch["label"]), **scores}, indent=2).encode())
+    common.unlock_folder(run_dir)
     return result
 
 

@@ -185,7 +185,7 @@ def main(argv=None):
     device = dist.device
     kernels.set_backend(cfg.run.kernel_backend)
     common.seed_everything(cfg.run.seed)
-    run_dir = Path(cfg.run.dir) / "image"
+    run_dir = common.lock_folder(Path(cfg.run.dir) / "image")
 
     # rank 0 generates the data and packs the caches first; the others then read them
     datasets = {}
@@ -402,6 +402,7 @@ def main(argv=None):
     for name, module in modules.items():
         common.assert_ranks_identical(module, f"{name} parameters")
     common.log(f"image generator: {step} steps in {time.time() - started:.0f} s; run folder {run_dir}")
+    common.unlock_folder(run_dir)
     return {"run_dir": run_dir, "step": step, "metrics": metrics, "history": history}
 
 

@@ -269,7 +269,7 @@ def main(argv=None) -> dict:
     dist = common.setup_distributed(cfg.run.device)
     device = dist.device
     check_config(cfg, dist.world_size)
-    run_dir = Path(cfg.run.dir) / "structure"
+    run_dir = common.lock_folder(Path(cfg.run.dir) / "structure")
     if dist.is_main:  # rank 0 generates synthetic data once; the others wait for it
         meta = data.ensure_dataset(cfg)
     common.barrier()
@@ -374,6 +374,7 @@ def main(argv=None) -> dict:
     bar.close()
     common.assert_ranks_identical(model)
     common.log(f"structure generator: step {step}, {history['seconds']:.0f} s of training in total; outputs in {run_dir}")
+    common.unlock_folder(run_dir)
     return {"run_dir": run_dir, "step": step, "history": history, "model": model}
 
 

@@ -30,7 +30,7 @@ def test_checkpoint_is_atomic_and_saves_config(random_dataset, tmp_path):
     assert (tmp_path / "r" / "last.pt").is_file()
     saved = common.load_config(str(tmp_path / "r" / "last.yaml"))
     assert saved.data.root == str(random_dataset)
-    assert not list((tmp_path / "r").glob("*.tmp")) and not list((tmp_path / "r").glob(".*"))
+    assert not list((tmp_path / "r").glob("*.tmp")) and [p.name for p in (tmp_path / "r").glob(".*")] == [".lock"]
 
 
 def test_mismatched_checkpoint_is_refused(random_dataset, tmp_path):
@@ -70,7 +70,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(random_dataset, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "toy_loop.py"), str(random_dataset),
                              str(tmp_path / "sig"), "100", "--signal-at", "3"],
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == common.EXIT_STOPPED, result.stderr   # not 0: a scheduler can tell it from a finished run
     assert "stopped at step 3" in result.stdout
     assert common.read_checkpoint(tmp_path / "sig" / "last.pt")["step"] == 3
 
@@ -141,3 +141,29 @@ def test_outputs_respect_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert mode == "0o644"
+
+
+def test_a_second_run_into_a_busy_folder_is_refused_naming_the_holder(random_dataset, tmp_path):
+    folder = tmp_path / "busy"
+    common.lock_folder(folder)
+    try:
+        result = subprocess.run([sys.executable, str(ROOT / "tests" / "toy_loop.py"), str(random_dataset), str(folder), "2"],
+                                capture_output=True, text=True, timeout=120)
+    finally:
+        common.unlock_folder(folder)
+    assert result.returncode == 2
+    assert f"in use by another run (pid {os.getpid()})" in result.stderr and "Traceback" not in result.stderr
+    assert not (folder / "last.pt").exists()
+    run(random_dataset, folder, steps=1)   # free again once the holder lets go
+
+
+def test_taking_the_lock_removes_temporary_files_of_dead_writers(tmp_path):
+    folder = tmp_path / "run"
+    (folder / "samples").mkdir(parents=True)
+    orphans = [folder / ".last.pt.k2j4_x.tmp", folder / "samples" / ".step0000010.4242.tmp.mp4"]
+    kept = [folder / "last.pt", folder / "notes.tmp.txt", folder / "samples" / "step0000010.mp4"]
+    for path in orphans + kept:
+        path.write_bytes(b"x")
+    common.lock_folder(folder)
+    common.unlock_folder(folder)
+    assert not any(p.exists() for p in orphans) and all(p.exists() for p in kept)

@@ -20,7 +20,7 @@ def run(data_root, run_dir, steps, resume=False, signal_at=None):
     dataset = ClipDataset(cfg.data.root, "train", n_past=2, n_future=2, stride=1, modalities=("label", "rgb"))
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    checkpoint = Path(run_dir) / "last.pt"
+    checkpoint = common.lock_folder(run_dir) / "last.pt"
     step = 0
     if resume:
         step = common.load_checkpoint(checkpoint, modules={"model": model}, optimizers={"optimizer": optimizer},
@@ -42,11 +42,16 @@ def run(data_root, run_dir, steps, resume=False, signal_at=None):
             if stop.should_stop():
                 break
     common.save_checkpoint(checkpoint, step=step, cfg=cfg, modules={"model": model}, optimizers={"optimizer": optimizer})
+    common.unlock_folder(run_dir)
     return model, step
 
 
 if __name__ == "__main__":
     args = sys.argv[1:]
     signal_at = int(args[args.index("--signal-at") + 1]) if "--signal-at" in args else None
-    _, done = run(args[0], args[1], int(args[2]), resume="--resume" in args, signal_at=signal_at)
-    print(f"stopped at step {done}")
+
+    def main():
+        _, done = run(args[0], args[1], int(args[2]), resume="--resume" in args, signal_at=signal_at)
+        print(f"stopped at step {done}", flush=True)
+
+    common.main_guard(main)
