@@ -171,7 +171,9 @@ def load_sequence(seq_dir, modality: str, meta: dict | None = None) -> np.ndarra
     paths = frame_paths(seq_dir, modality)
     if modality == "label" and meta is None:
         meta = read_meta(seq_dir.parent.parent)
-    fingerprint = _fingerprint(paths)
+    # the label range check runs when packing, so a pack is only valid for the meta it was checked against
+    checked_against = {k: meta[k] for k in ("num_classes", "ignore_index")} if modality == "label" else None
+    fingerprint = _fingerprint(paths) + f"|{json.dumps(checked_against, sort_keys=True)}"
     cache = _cache_dir(seq_dir)
     packed_path, key_path = cache / f"{modality}.npy", cache / f"{modality}.json"
     if packed_path.is_file() and key_path.is_file():

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from data.clips import ClipDataset, ClipSampler, compose_flow, fixed_batch
 from data.layout import DatasetError, load_sequence, load_sequence_modalities, read_meta, write_frame
@@ -38,6 +39,17 @@ def test_label_out_of_range(random_dataset):
     bad[3, 3] = 9
     write_frame(random_dataset / "val" / "seq_0000", "label", 5, bad)
     with pytest.raises(DatasetError, match=r"val/seq_0000/label/000005\.png: class index 9 >= num_classes 4"):
+        ClipDataset(random_dataset, "val", 2, 2)
+
+
+def test_a_pack_checked_against_other_classes_is_checked_again(random_dataset):
+    """The label range check runs when a sequence is packed: after meta.yaml's num_classes shrinks, the
+    cached pack must not skip it (training would die later with an IndexError deep in the loss)."""
+    assert len(ClipDataset(random_dataset, "val", 2, 2)) > 0          # packs under num_classes 4
+    meta = yaml.safe_load((random_dataset / "meta.yaml").read_text())
+    meta.update(num_classes=3, class_names=meta["class_names"][:3], palette=meta["palette"][:3])
+    (random_dataset / "meta.yaml").write_text(yaml.safe_dump(meta))
+    with pytest.raises(DatasetError, match=r"val/seq_0000/label/[0-9]+\.png: class index 3 >= num_classes 3"):
         ClipDataset(random_dataset, "val", 2, 2)
 
 
