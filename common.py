@@ -178,6 +178,58 @@ def parse_override(token: str) -> tuple[str, object]:
     return key, value
 
 
+# Allowed ranges of the numeric keys, first matching pattern wins; an integer key no pattern names must be
+# >= 0 and a float key >= 0 (sizes, counts, weights, seeds). Lists of numbers are checked element-wise.
+_RANGES = [
+    (("*.lr", "*.width", "*.d_width", "*.width_mult", "*.lstm_mult", "edge.d_lr_ratio"), "> 0"),
+    (("*.beta1", "*.beta2", "structure.adam_betas", "structure.kl_balance", "*.context_dropout"), "in [0, 1)"),
+    (("*.lr_min", "*.threshold"), "in [0, 1]"),
+    (("data.num_classes", "data.size", "data.synth_sequences", "data.synth_frames", "*.batch_size", "*_every",
+      "*.n_past", "*.n_future", "*.frames", "*.samples", "*.clips", "*.chunk", "*.window", "*.time_stride",
+      "*.shot_stride", "*.max_shots", "*.fvd_frames", "*.tau", "*.tau_d", "*.ngf", "*.ndf", "*.num_d",
+      "*.n_layers_d", "*.d_layers", "*.dilation", "*.stride", "*.lstm_width", "*.h_channels",
+      "*.z_channels", "*.posterior_layers", "*.predictor_layers", "*.latent_classes", "*.z_pool", "*.val_clips",
+      "*.val_frames", "*.val_future", "*.sample_clips", "*.sample_frames", "*.sample_future", "*.frames_start",
+      "*.frames_max", "*.double_every", "*.video_scale", "rollout.batch"), ">= 1"),
+]
+
+
+def _range_rule(key: str, value) -> str:
+    import fnmatch
+    for patterns, rule in _RANGES:
+        if any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns):
+            return rule
+    return ">= 0"
+
+
+def _in_range(value, rule: str) -> bool:
+    if rule == "> 0":
+        return value > 0
+    if rule == ">= 1":
+        return value >= 1
+    if rule == ">= 0":
+        return value >= 0
+    if rule == "in [0, 1)":
+        return 0 <= value < 1
+    return 0 <= value <= 1                                                      # in [0, 1]
+
+
+def check_ranges(tree: dict, prefix: str = "") -> None:
+    """Refuse a numeric value outside its key's range with one line naming the key (not torch's error later)."""
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            check_ranges(value, dotted + ".")
+            continue
+        numbers = value if isinstance(value, list) else [value]
+        if not numbers or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+            continue
+        rule = _range_rule(dotted, value)
+        for number in numbers:
+            if not _in_range(number, rule):
+                raise ConfigError(f"{dotted} must be {rule}, got {value!r}")
+
+
 def load_config(name_or_path=None, overrides=()) -> Config:
     """Schema defaults <- YAML file (and its parents) <- overrides ('key=value' strings or (key, value) pairs)."""
     schema = load_schema()
@@ -192,6 +244,7 @@ def load_config(name_or_path=None, overrides=()) -> Config:
         for parent in reversed(parents):
             nested = {parent: nested}
         _merge(cfg, nested, schema, "", f"from --{key}")
+    check_ranges(cfg)
     cfg = _to_config(cfg)
     cfg["config_file"] = str(path)
     return cfg

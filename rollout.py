@@ -308,11 +308,6 @@ def main(argv=None) -> Path:
     kernels.set_backend(cfg.run.kernel_backend)
     common.seed_everything(cfg.run.seed)
     r = cfg.rollout
-    for key in ("frames", "samples", "clips", "chunk", "batch"):
-        if r[key] < 1:
-            raise common.ConfigError(f"rollout.{key} must be >= 1, got {r[key]}")
-    if r.video_fps < 0:
-        raise common.ConfigError(f"rollout.video_fps must be >= 0 (0 = real time), got {r.video_fps}")
     meta = ensure_dataset(cfg)
     pipeline = Pipeline.from_checkpoints(cfg, dist.device)
     if pipeline.image is not None and r.n_past < pipeline.tau:

@@ -246,15 +246,11 @@ def write_samples(model: StructureModel, batch: torch.Tensor, cfg, meta: dict, p
 
 def check_config(cfg, world_size: int) -> None:
     s = cfg.structure
-    checks = [(s.n_past >= 1, "structure.n_past must be >= 1"), (s.n_future >= 1, "structure.n_future must be >= 1"),
-              (s.stride >= 1, "structure.stride must be >= 1"), (s.iterations >= 0, "structure.iterations must be >= 0"),
-              (0 <= s.kl_balance < 1, f"structure.kl_balance must be in [0, 1), got {s.kl_balance!r}"),
-              (s.lr_schedule in ("constant", "cosine"), f"structure.lr_schedule must be constant or cosine, got {s.lr_schedule!r}"),
-              (0 <= s.lr_min <= 1, f"structure.lr_min must be in [0, 1], got {s.lr_min!r}"),
+    # numeric ranges are checked when the config is loaded (common.check_ranges)
+    checks = [(s.lr_schedule in ("constant", "cosine"), f"structure.lr_schedule must be constant or cosine, got {s.lr_schedule!r}"),
               (s.rgb_loss in ("l1", "l2"), f"structure.rgb_loss must be l1 or l2, got {s.rgb_loss!r}"),
               (s.sample_format in ("gif", "mp4"), f"structure.sample_format must be gif or mp4, got {s.sample_format!r}"),
               (len(s.adam_betas) == 2, f"structure.adam_betas must be [beta1, beta2], got {s.adam_betas!r}"),
-              (min(s.log_every, s.eval_every, s.ckpt_every) >= 1, "structure.log_every/eval_every/ckpt_every must be >= 1"),
               (s.batch_size >= world_size and s.batch_size % world_size == 0,
                f"structure.batch_size={s.batch_size} must be a multiple of the {world_size} DDP ranks")]
     for ok, message in checks:

@@ -35,6 +35,13 @@ def test_int_accepted_for_float_and_bool_strict():
     ("run.seed=abc", ["run.seed", "expects int", "str"]),
     ("run.seed=1.5", ["run.seed", "expects int", "float"]),
     ("data.size=64", ["data.size", "expects list"]),
+    ("structure.lr=-1", ["structure.lr must be > 0, got -1.0"]),
+    ("image.batch_size=0", ["image.batch_size must be >= 1"]),
+    ("structure.kl_balance=1", ["structure.kl_balance must be in [0, 1)"]),
+    ("structure.adam_betas=[0.9, 1.5]", ["structure.adam_betas must be in [0, 1)"]),
+    ("data.size=[0, 64]", ["data.size must be >= 1"]),
+    ("rollout.frames=0", ["rollout.frames must be >= 1"]),
+    ("image.lambda_gan=-0.5", ["image.lambda_gan must be >= 0"]),
 ])
 def test_bad_overrides_name_the_key(override, words):
     with pytest.raises(ConfigError) as info:
