@@ -396,20 +396,25 @@ def _label_counts(videos, num_classes: int) -> tuple[int, int, np.ndarray]:
 BIRTH_RADIUS = 3   # pixels: a label is born where its class is absent from the previous frame this close
 
 
+def born_pixels(earlier: torch.Tensor, later: torch.Tensor, num_classes: int, radius: int = BIRTH_RADIUS) -> torch.Tensor:
+    """bool (N, H, W) for label maps earlier, later (N, H, W): pixels of `later` whose class is absent from
+    `earlier` within `radius` pixels, i.e. objects that enter, appear or change class, as opposed to ones
+    that move (by <= radius per step). Void and other indices >= N are never born. The births of
+    --dynamics, and the pixels structure.born_weight up-weights in training."""
+    earlier, later = earlier.long(), later.long()
+    ids = torch.arange(num_classes, device=earlier.device).view(1, -1, 1, 1)
+    present = F.max_pool2d((earlier.unsqueeze(1) == ids).float(), 2 * radius + 1, 1, radius)
+    hit = present.gather(1, later.clamp_max(num_classes - 1).unsqueeze(1)).squeeze(1)
+    return (hit == 0) & (later < num_classes)
+
+
 def born_mask(videos, num_classes: int, radius: int = BIRTH_RADIUS) -> np.ndarray:
-    """bool (..., T-1, H, W) for uint8 label videos (..., T, H, W): pixels whose class is absent from the frame
-    before within `radius` pixels, i.e. objects that enter, appear or change class, as opposed to ones that
-    move (by <= radius per step). Void and other indices >= N are never born."""
+    """born_pixels between consecutive frames of uint8 label videos (..., T, H, W): bool (..., T-1, H, W)."""
     videos = np.asarray(videos)
     if videos.shape[-3] < 2:
         return np.zeros((*videos.shape[:-3], 0, *videos.shape[-2:]), bool)
     frames = torch.from_numpy(videos.astype(np.int64)).reshape(-1, *videos.shape[-3:])    # (V, T, H, W)
-    earlier, later = frames[:, :-1], frames[:, 1:]
-    ids = torch.arange(num_classes).view(1, 1, -1, 1, 1)
-    present = F.max_pool2d((earlier.unsqueeze(2) == ids).flatten(0, 2).float(), 2 * radius + 1, 1, radius)
-    present = present.view(*earlier.shape[:2], num_classes, *frames.shape[2:])
-    hit = present.gather(2, later.clamp_max(num_classes - 1).unsqueeze(2)).squeeze(2)
-    born = (hit == 0) & (later < num_classes)
+    born = born_pixels(frames[:, :-1].flatten(0, 1), frames[:, 1:].flatten(0, 1), num_classes, radius)
     return born.reshape(*videos.shape[:-3], videos.shape[-3] - 1, *videos.shape[-2:]).numpy()
 
 

@@ -180,14 +180,16 @@ class LatentLSTM(nn.Module):
     """Posterior / prior (table C): ConvLSTM, then one 3x3 conv to the latent's statistics in fp32:
     (mu, log-variance) of a Gaussian, 2 * z channels, or the logits of a categorical latent, z channels."""
 
-    def __init__(self, in_channels: int, width: int, layers: int, stats_channels: int):
+    def __init__(self, in_channels: int, width: int, layers: int, stats_channels: int, pool: int = 1):
         super().__init__()
         self.lstm = ConvLSTM(in_channels, width, layers)
         self.to_stats = conv3x3(width, stats_channels)
+        self.pool = pool
 
     def forward(self, x, state):
         out, state = self.lstm(x, state)
-        return self.to_stats(out).float(), state
+        stats = self.to_stats(out).float()
+        return (F.avg_pool2d(stats, self.pool) if self.pool > 1 else stats), state
 
 
 def gaussian_kl(mu_q, logvar_q, mu_p, logvar_p) -> torch.Tensor:
@@ -293,7 +295,7 @@ def _assign(buffers, values):
 class StructureModel(nn.Module):
     def __init__(self, *, variant: str, num_classes: int, size, blocks, h_channels: int, z_channels: int,
                  lstm_width: int, posterior_layers: int, predictor_layers: int, skip: str, latent: str = "gaussian",
-                 latent_classes: int = 8, z_to_decoder: bool = False):
+                 latent_classes: int = 8, z_to_decoder: bool = False, z_pool: int = 1):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"structure.variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
@@ -306,6 +308,10 @@ class StructureModel(nn.Module):
         self.channels = 3 if variant == "rgb" else num_classes
         pools = pool_count(size)
         self.latent_size = (size[0] // 2**pools, size[1] // 2**pools)
+        if z_pool < 1 or self.latent_size[0] % z_pool or self.latent_size[1] % z_pool:
+            raise ValueError(f"structure.z_pool={z_pool} must divide the latent grid {list(self.latent_size)}")
+        self.z_pool = z_pool
+        self.z_size = (self.latent_size[0] // z_pool, self.latent_size[1] // z_pool)
         self.h_channels, self.z_channels = h_channels, z_channels
         self.z_to_decoder = z_to_decoder and self.stochastic
         self.encoder = Encoder(self.channels, blocks, pools, h_channels)
@@ -314,8 +320,8 @@ class StructureModel(nn.Module):
         if self.stochastic:
             self.latent = GaussianLatent(z_channels) if latent == "gaussian" else CategoricalLatent(z_channels, latent_classes)
             stats = self.latent.stats_per_channel * z_channels
-            self.posterior = LatentLSTM(h_channels, lstm_width, posterior_layers, stats)
-            self.prior = LatentLSTM(h_channels, lstm_width, posterior_layers, stats)
+            self.posterior = LatentLSTM(h_channels, lstm_width, posterior_layers, stats, z_pool)
+            self.prior = LatentLSTM(h_channels, lstm_width, posterior_layers, stats, z_pool)
             if latent == "categorical":
                 self.latent.init_head(self.posterior.to_stats)
                 self.latent.init_head(self.prior.to_stats)
@@ -340,6 +346,8 @@ class StructureModel(nn.Module):
         return self.encoder(None, first_conv_out=first)
 
     def predict_g(self, code, z, state):
+        if z is not None and self.z_pool > 1:
+            z = F.interpolate(z, scale_factor=self.z_pool, mode="nearest")
         x = code if z is None else torch.cat([code, z.to(code.dtype)], 1)
         out, state = self.predictor(x, state)
         return F.relu(self.to_g(out)), state
@@ -389,7 +397,7 @@ class StructureModel(nn.Module):
             if self.stochastic:
                 stats_q, post_state = self.posterior(codes[:, t], post_state)
                 stats_p, prior_state = self.prior(codes[:, t - 1], prior_state)
-                z = self.latent.sample(stats_p if prior_z else stats_q, torch.randn(stats_q.shape[0], self.z_channels, latent_h, latent_w,
+                z = self.latent.sample(stats_p if prior_z else stats_q, torch.randn(stats_q.shape[0], self.z_channels, *self.z_size,
                                                             generator=generator, device=device))
                 kls.append(self.latent.kl(stats_q, stats_p))
                 # the same value with gradients to one side only (KL balancing)
@@ -447,7 +455,7 @@ class StructureModel(nn.Module):
             state.lstm["posterior"] = self.posterior.lstm.zero_state(rows, latent_h, latent_w, device, fmt)
             state.lstm["prior"] = self.prior.lstm.zero_state(rows, latent_h, latent_w, device, fmt)
             # contiguous whatever the format: normal_ fills memory in order, so the draws stay the same
-            state.noise = torch.zeros(rows, self.z_channels, latent_h, latent_w, device=device)
+            state.noise = torch.zeros(rows, self.z_channels, *self.z_size, device=device)
         if self.variant != "cnn":
             state.lstm["predictor"] = self.predictor.zero_state(rows, latent_h, latent_w, device, fmt)
         state.code = torch.zeros(rows, self.h_channels, latent_h, latent_w, device=device).contiguous(memory_format=fmt)

@@ -10,7 +10,8 @@ Objective (paper eq. 1) per training clip of T frames, teacher forced (true fram
 posterior): sum over t = 1..T-1 of NLL(s_t) (mean over pixels) + beta * KL(q(z_t) || p(z_t)) (summed over
 latent elements, mean over the batch). Ablations: structure.variant = lstm | cnn | soft | rgb.
 Optional, off by default (docs/design.md, "Opening the latent"): kl_warmup, free_nats, kl_balance (the KL
-term), latent=categorical and z_to_decoder (the model).
+term), born_weight and born_weight_decay (the NLL of born pixels), latent=categorical, z_to_decoder and
+z_pool (the model).
 Outputs in RUN_DIR/structure/: last.pt (+ last.yaml), samples/*.gif (context | prediction | truth),
 loss.png, log.txt. The model classes and the rollout step API live in structure_model.py.
 """
@@ -28,13 +29,14 @@ import common
 import data
 import kernels
 from data.clips import ClipDataset, fixed_batch, make_loader
+from evaluate import born_pixels
 from structure_model import RolloutState, StructureModel, paper_blocks, pool_count  # noqa: F401 (re-exported)
 
 # Keys that define the weights' shapes: a checkpoint trained with other values is refused.
 ARCH_KEYS = ["structure.variant", "structure.encoder_blocks", "structure.width_mult", "structure.lstm_width",
              "structure.lstm_mult", "structure.h_channels", "structure.z_channels", "structure.posterior_layers",
              "structure.predictor_layers", "structure.latent", "structure.latent_classes", "structure.z_to_decoder",
-             "data.num_classes", "data.size"]
+             "structure.z_pool", "data.num_classes", "data.size"]
 
 
 # ----------------------------------------------------------------------------- model from config
@@ -66,7 +68,7 @@ def build_model(cfg) -> StructureModel:
                               h_channels=s.h_channels, z_channels=s.z_channels,
                               lstm_width=max(1, round(s.lstm_width * s.lstm_mult)),
                               posterior_layers=s.posterior_layers, predictor_layers=s.predictor_layers, skip=s.skip,
-                              latent=s.latent, latent_classes=s.latent_classes, z_to_decoder=s.z_to_decoder)
+                              latent=s.latent, latent_classes=s.latent_classes, z_to_decoder=s.z_to_decoder, z_pool=s.z_pool)
     except ValueError as e:
         raise common.ConfigError(str(e)) from None
 
@@ -125,9 +127,11 @@ def learning_rate(cfg, used: float) -> float:
 
 
 def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ignore_index: int,
-              step: int | None = None) -> dict:
+              step: int | None = None, born_weight: float = 0.0) -> dict:
     """Sum over steps of (per-step reconstruction + beta * KL); also the per-step means for logging. `step`
-    (training) applies the KL warm-up; without it the full beta is used (validation)."""
+    (training) applies the KL warm-up; without it the full beta is used (validation). `born_weight` w
+    weighs the NLL of pixels born in the target frame (evaluate.born_pixels) by 1 + w (docs/design.md,
+    "Opening the latent"); validation uses w = 0, the model's true likelihood."""
     s = cfg.structure
     out, targets = result["out"], frames[:, 1:]
     if model.variant == "rgb":
@@ -137,6 +141,9 @@ def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ig
     else:
         targets = targets.long()
         nll = F.nll_loss(out.flatten(0, 1), targets.flatten(0, 1), ignore_index=ignore_index, reduction="none")
+        if born_weight > 0:  # births are 0.2% of the pixels: without weight the decoder learns to use z late
+            born = born_pixels(frames[:, :-1].flatten(0, 1), frames[:, 1:].flatten(0, 1), model.num_classes)
+            nll = nll * (1 + born_weight * born.float())
         valid = (targets != ignore_index).flatten(0, 1)
         per_step_count = valid.flatten(1).sum(1).view(out.shape[:2]).sum(0).clamp_min(1)
         recon = nll.flatten(1).sum(1).view(out.shape[:2]).sum(0) / per_step_count  # (T-1,)
@@ -326,19 +333,21 @@ def main(argv=None) -> dict:
             f.write(f"step {step} " + " ".join(f"{k}={v:.5f}" for k, v in metrics.items()) + "\n")
 
     step, started = start_step, time.time()
-    loop_start, time_up, clock_fraction = started, False, 0.0
+    loop_start, time_up, clock_fraction, used = started, False, 0.0, 0.0
     model.train()
     bar = common.progress(total=s.iterations, initial=start_step, disable=not dist.is_main, desc="structure")
     with common.StopSignal() as stop:
         while step < s.iterations:
-            if s.lr_schedule != "constant":  # only the schedule reads the budget (and the clock)
+            if s.lr_schedule != "constant" or s.born_weight_decay:  # only these read the budget (and the clock)
                 used, clock_fraction = budget_used(cfg, step, time.time() - loop_start, clock_fraction, device)
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(cfg, used)
+            # decayed to 0 over the budget, the weight opens the latent early and leaves a calibrated decoder
+            born_weight = s.born_weight * ((1 - used) if s.born_weight_decay else 1.0)
             frames = next(loader)[modality].to(device, non_blocking=True)
             with common.autocast(device, cfg.run.precision):
                 result = trained(frames, s.n_past)
-            losses = clip_loss(model, result, frames, cfg, ignore_index, step)
+            losses = clip_loss(model, result, frames, cfg, ignore_index, step, born_weight)
             optimizer.zero_grad(set_to_none=True)
             if common.loss_is_finite(losses["loss"], step, cfg.run.on_nonfinite):
                 scaler.scale(losses["loss"]).backward()

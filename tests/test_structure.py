@@ -232,6 +232,49 @@ def test_z_to_decoder_feeds_z_into_every_decoder_block():
     assert torch.equal(plain.decode(g, skips, z_a), plain.decode(g, skips, z_b))   # z only through g
 
 
+def test_z_pool_draws_one_latent_cell_per_pooled_block():
+    model = build_model(tiny_cfg("structure.latent=categorical", "structure.latent_classes=4", "structure.z_pool=4",
+                                 "structure.z_to_decoder=true")).eval()
+    assert model.latent_size == (8, 8) and model.z_size == (2, 2)
+    stats, _ = model.prior(torch.randn(2, model.h_channels, 8, 8), model.prior.lstm.zero_state(2, 8, 8, "cpu"))
+    assert stats.shape[-2:] == (2, 2)
+    frames = random_labels(2, 5, 32, 32)
+    out = model(frames, 2, generator=torch.Generator().manual_seed(0))
+    assert out["out"].shape == (2, 4, 19, 32, 32) and out["kl"].shape == (2, 4)
+    state = model.init_state(2, samples=2)
+    assert state.noise.shape[-2:] == (2, 2)
+    # the predictor sees each cell's z repeated over its 4x4 block of LSTM cells
+    seen = {}
+    original = model.predictor.forward
+    model.predictor.forward = lambda x, st: (seen.setdefault("x", x), original(x, st))[1]
+    z = model.latent.sample(stats, torch.randn(2, model.z_channels, 2, 2))
+    model.predict_g(torch.zeros(2, model.h_channels, 8, 8), z, model.predictor.zero_state(2, 8, 8, "cpu"))
+    z_seen = seen["x"][:, model.h_channels:]
+    assert torch.equal(z_seen, z.repeat_interleave(4, 2).repeat_interleave(4, 3))
+    with pytest.raises(common.ConfigError, match="z_pool=3 must divide the latent grid"):
+        build_model(tiny_cfg("structure.z_pool=3"))
+    first = model.generate(frames[:, :2], 4, samples=2, generator=torch.Generator().manual_seed(0))
+    assert first.shape == (2, 2, 4, 32, 32)
+
+
+def test_born_weight_weighs_the_nll_of_born_pixels_only():
+    model = build_model(tiny_cfg())
+    frames = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    frames[:, 1:, 10:12, 30:32] = 5          # class 5 enters at the right edge in frame 1 (4 born pixels) ...
+    frames[:, 2, 10:12, 28:32] = 5           # ... and moves in by 2 px in frame 2: nothing born there
+    torch.manual_seed(0)
+    out = torch.randn(1, 2, 19, 32, 32).log_softmax(2)
+    result = {"out": out, "kl": torch.zeros(1, 2), "kl_prior": torch.zeros(1, 2), "kl_posterior": torch.zeros(1, 2)}
+    nll = -out.gather(2, frames[:, 1:].long().unsqueeze(2)).squeeze(2)           # (1, 2, 32, 32)
+    born = torch.zeros_like(nll, dtype=torch.bool)
+    born[0, 0, 10:12, 30:32] = True
+    cfg = tiny_cfg()
+    plain = train_structure.clip_loss(model, result, frames, cfg, 255)["loss"]
+    weighted = train_structure.clip_loss(model, result, frames, cfg, 255, born_weight=30.0)["loss"]
+    assert torch.allclose(plain, nll.mean((2, 3)).sum())
+    assert torch.allclose(weighted, (nll * (1 + 30 * born.float())).mean((2, 3)).sum())
+
+
 def test_ddp_two_ranks_stay_identical(tiny_drive, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                str(ROOT / "train_structure.py"), *tiny_args(tiny_drive, tmp_path, "--structure.iterations=3")]
