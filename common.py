@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import functools
 import io
 import os
 import pickle
@@ -411,6 +412,20 @@ def unlock_folder(folder) -> None:
     fd = _HELD_LOCKS.pop(Path(folder).resolve(), None)
     if fd is not None:
         os.close(fd)
+
+
+def releases_folder_locks(fn):
+    """Decorator of a script's main(): the folder locks it took are released when it returns or raises, so
+    a caller in the same process (a test, a notebook) does not keep a folder locked after an error."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        before = set(_HELD_LOCKS)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for folder in set(_HELD_LOCKS) - before:
+                unlock_folder(folder)
+    return wrapper
 
 
 # ----------------------------------------------------------------------------- seeding and RNG state

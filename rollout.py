@@ -302,6 +302,7 @@ def write_videos(cfg, out_dir: Path, clip_ids: list, meta: dict) -> None:
                 common.write_video_stream(folder / f"grid.{ext}", grid, fps, scale)
 
 
+@common.releases_folder_locks
 def main(argv=None) -> Path:
     cfg, _ = common.parse_args(argv, aliases=ALIASES, description=__doc__)
     dist = common.setup_distributed(cfg.run.device)
@@ -346,7 +347,6 @@ def main(argv=None) -> Path:
     seconds = time.perf_counter() - started
     if not complete:
         common.log(f"stopped; resume with the same command to continue from frame {writer.frames_done()}")
-        common.unlock_folder(out_dir)
         return out_dir
     common.log(f"rolled out {total} frame-steps in {seconds:.1f}s ({total / max(seconds, 1e-9):.0f} frames/s)")
     if r.videos:
@@ -355,7 +355,6 @@ def main(argv=None) -> Path:
     if dist.is_main:
         writer.finish()
         common.log(f"rollout complete: {out_dir}")
-    common.unlock_folder(out_dir)
     return out_dir
 
 

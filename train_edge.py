@@ -332,6 +332,7 @@ def open_datasets(cfg, dist):
     return result
 
 
+@common.releases_folder_locks
 def main(argv=None) -> dict:
     cfg, args = common.parse_args(argv, aliases={"steps": "edge.steps"}, description=__doc__)
     e = cfg.edge
@@ -438,7 +439,6 @@ def main(argv=None) -> dict:
         common.atomic_write_bytes(run_dir / "metrics.json", json.dumps(
             {"step": done, **clock, "tolerance": e.tolerance, "threshold": e.threshold,
              "val_frames": len(val_batch["label"]), **scores}, indent=2).encode())
-    common.unlock_folder(run_dir)
     return result
 
 

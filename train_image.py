@@ -170,6 +170,7 @@ def write_samples(path: Path, val_batch: dict, frames: torch.Tensor, meta: dict,
 
 # ----------------------------------------------------------------------------- training
 
+@common.releases_folder_locks
 def main(argv=None):
     cfg, args = common.parse_args(argv, description=__doc__)
     check_config(cfg)
@@ -395,7 +396,6 @@ def main(argv=None):
     for name, module in modules.items():
         common.assert_ranks_identical(module, f"{name} parameters")
     common.log(f"image generator: {step} steps in {time.time() - started:.0f} s; run folder {run_dir}")
-    common.unlock_folder(run_dir)
     return {"run_dir": run_dir, "step": step, "metrics": metrics, "history": history}
 
 

@@ -265,6 +265,7 @@ def check_config(cfg, world_size: int) -> None:
             raise common.ConfigError(message)
 
 
+@common.releases_folder_locks
 def main(argv=None) -> dict:
     cfg, args = common.parse_args(argv, description=__doc__)
     s = cfg.structure
@@ -379,7 +380,6 @@ def main(argv=None) -> dict:
     bar.close()
     common.assert_ranks_identical(model)
     common.log(f"structure generator: step {step}, {history['seconds']:.0f} s of training in total; outputs in {run_dir}")
-    common.unlock_folder(run_dir)
     return {"run_dir": run_dir, "step": step, "history": history, "model": model}
 
 

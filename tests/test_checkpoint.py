@@ -157,6 +157,18 @@ def test_a_second_run_into_a_busy_folder_is_refused_naming_the_holder(random_dat
     run(random_dataset, folder, steps=1)   # free again once the holder lets go
 
 
+def test_a_failed_main_in_this_process_leaves_its_folder_unlocked(tmp_path):
+    @common.releases_folder_locks
+    def failing_main(folder):
+        common.lock_folder(folder)
+        raise common.ConfigError("bad value")
+    with pytest.raises(common.ConfigError):
+        failing_main(tmp_path / "run")
+    probe = subprocess.run([sys.executable, "-c", "import common, sys; common.lock_folder(sys.argv[1]); print('locked')",
+                            str(tmp_path / "run")], capture_output=True, text=True, cwd=ROOT)
+    assert probe.stdout.strip() == "locked", probe.stderr
+
+
 def test_taking_the_lock_removes_temporary_files_of_dead_writers(tmp_path):
     folder = tmp_path / "run"
     (folder / "samples").mkdir(parents=True)

@@ -14,6 +14,7 @@ import common  # noqa: E402
 from data.clips import ClipDataset, make_loader  # noqa: E402
 
 
+@common.releases_folder_locks
 def run(data_root, run_dir, steps, resume=False, signal_at=None):
     cfg = common.load_config(None, [f"data.root={data_root}", f"run.dir={run_dir}", "data.size=[16, 16]"])
     common.seed_everything(cfg.run.seed)
@@ -42,7 +43,6 @@ def run(data_root, run_dir, steps, resume=False, signal_at=None):
             if stop.should_stop():
                 break
     common.save_checkpoint(checkpoint, step=step, cfg=cfg, modules={"model": model}, optimizers={"optimizer": optimizer})
-    common.unlock_folder(run_dir)
     return model, step
 
 
