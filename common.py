@@ -8,6 +8,7 @@ import contextlib
 import copy
 import fcntl
 import functools
+import hashlib
 import io
 import os
 import pickle
@@ -426,6 +427,14 @@ def releases_folder_locks(fn):
             for folder in set(_HELD_LOCKS) - before:
                 unlock_folder(folder)
     return wrapper
+
+
+def file_sha256(path, block: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- seeding and RNG state

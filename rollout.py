@@ -54,6 +54,8 @@ def load_component(script: str, path: Path, module_name: str, cfg, device) -> to
         raise common.CheckpointError(f"{path} holds {sorted(payload['modules'])}, not a {module_name!r} ({script})")
     model.load_state_dict(payload["modules"][module_name])
     model.trained_config = trained_config
+    # what the rollout folder records: resuming or reusing it with other weights is refused
+    model.checkpoint_identity = {"sha256": common.file_sha256(path)[:16], "step": int(payload["step"]), "path": str(path)}
     return model.to(device).eval()
 
 
@@ -70,6 +72,9 @@ class Pipeline:
         if image is not None and image.use_edges and edge is None:
             raise common.ConfigError("the image generator was trained with boundary maps: a boundary generator is needed")
         self.modalities = ["rgb"] if self.variant == "rgb" else ["label"] + (["rgb"] if image is not None else [])
+        self.models = {name: model.checkpoint_identity for name, model in
+                       (("structure", structure), ("edge", edge), ("image", image))
+                       if model is not None and hasattr(model, "checkpoint_identity")}
 
     @classmethod
     def from_checkpoints(cls, cfg, device) -> "Pipeline":
@@ -320,7 +325,7 @@ def main(argv=None) -> Path:
                        samples=r.samples, clips=[{"sequence": c["sequence"], "start": c["start"]} for c in clips],
                        size=cfg.data.size, num_classes=cfg.data.num_classes, chunk=r.chunk, seed=cfg.run.seed,
                        stride=pipeline.stride,
-                       modalities=pipeline.modalities,
+                       modalities=pipeline.modalities, models=pipeline.models,
                        extra={"structure_variant": pipeline.variant, "edge": pipeline.edge is not None})
     if dist.is_main:
         RolloutWriter(out_dir, **writer_args)  # creates the folder and protocol once

@@ -129,6 +129,19 @@ class _ChunkIndex:
         return done
 
 
+def _check_same_models(path: Path, existing, models: dict) -> None:
+    """A rollout folder is resumed or reused only with the checkpoints that wrote it (same file contents)."""
+    def described(model):
+        return f"{model['path']} (sha256 {model['sha256']}, step {model['step']})" if model else "none"
+
+    existing = existing or {}
+    for name in sorted(set(existing) | set(models)):
+        old, new = existing.get(name), models.get(name)
+        if (old or {}).get("sha256") != (new or {}).get("sha256"):
+            raise RolloutError(f"{path}: this rollout was made with the {name} checkpoint {described(old)}; this run "
+                               f"loads {described(new)}; use another output folder or delete this one")
+
+
 class RolloutWriter(_ChunkIndex):
     """Create (or reopen, to resume) a rollout folder and stream predicted frames into it.
 
@@ -137,7 +150,7 @@ class RolloutWriter(_ChunkIndex):
 
     def __init__(self, out_dir, *, dataset_root, split: str, n_past: int, frames: int, samples: int, clips,
                  size, num_classes: int, chunk: int, seed: int, stride: int = 1,
-                 modalities=("label", "rgb"), extra: dict | None = None):
+                 modalities=("label", "rgb"), models: dict | None = None, extra: dict | None = None):
         root = Path(out_dir)
         protocol = {"dataset_root": str(dataset_root), "split": split, "n_past": int(n_past), "frames": int(frames),
                     "samples": int(samples),
@@ -152,10 +165,13 @@ class RolloutWriter(_ChunkIndex):
                 if existing[key] != protocol[key]:
                     raise RolloutError(f"{path}: existing rollout has {key}={existing[key]!r}, this run has "
                                        f"{protocol[key]!r}; use another output folder or delete this one")
+            _check_same_models(path, existing.get("models"), models or {})
+            protocol["models"] = existing.get("models") or {}
             protocol["complete"] = bool(existing.get("complete", False))
             protocol["extra"] = existing.get("extra", extra or {})
         else:
             protocol["extra"] = extra or {}
+            protocol["models"] = models or {}
             _write_protocol(root, protocol)
         super().__init__(root, protocol)
 

@@ -131,6 +131,20 @@ def test_missing_and_mismatched_checkpoints_are_refused(tiny_drive, tmp_path):
         rollout.main(_argv(tiny_drive, tmp_path / "run", "--frames=10"))
 
 
+def test_a_rollout_folder_is_resumed_or_reused_only_with_the_checkpoints_that_wrote_it(tiny_drive, tmp_path):
+    from data.rollout_io import RolloutError
+    _save_generators(tiny_drive, tmp_path / "run")
+    out = tmp_path / "out"
+    rollout.main(_argv(tiny_drive, tmp_path / "run", "--frames=20", "--rollout.chunk=10", f"--rollout.out={out}"))
+    recorded = read_rollout(out).protocol["models"]
+    assert sorted(recorded) == ["edge", "image", "structure"] and recorded["structure"]["step"] == 1
+    before = _frames(out, "label")
+    _save_generators(tiny_drive, tmp_path / "run", extra=["run.seed=7"])   # retrained: other weights, same paths
+    with pytest.raises(RolloutError, match=r"made with the (edge|image|structure) checkpoint .*sha256 .*this run loads .*another output folder"):
+        rollout.main(_argv(tiny_drive, tmp_path / "run", "--frames=20", "--rollout.chunk=10", f"--rollout.out={out}"))
+    assert np.array_equal(_frames(out, "label"), before)
+
+
 def test_rollout_steps_at_the_training_stride(tiny_drive, tmp_path):
     """Generators trained on every 2nd frame see context and truth at that frame step, and the protocol
     records it (evaluation compares with training shots at the same step); differing strides are refused."""
