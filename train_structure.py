@@ -148,8 +148,10 @@ def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ig
         per_step_count = valid.flatten(1).sum(1).view(out.shape[:2]).sum(0).clamp_min(1)
         recon = nll.flatten(1).sum(1).view(out.shape[:2]).sum(0) / per_step_count  # (T-1,)
     kl = result["kl"].mean(0)                                                  # (T-1,)
-    # free nats: no KL pressure below the floor per frame, so the posterior may carry that much information
-    floor = (lambda v: v.clamp_min(s.free_nats)) if s.free_nats > 0 else (lambda v: v)  # noqa: E731
+
+    def floor(kl_values):  # free nats: no KL pressure below the floor per frame, so z may carry that much
+        return kl_values.clamp_min(s.free_nats) if s.free_nats > 0 else kl_values
+
     if s.kl_balance > 0:  # the prior always learns to match the posterior; only the posterior side is floored
         penalised = (s.kl_balance * result["kl_prior"] + (1 - s.kl_balance) * floor(result["kl_posterior"])).mean(0)
     else:
@@ -203,7 +205,9 @@ def validate(model: StructureModel, batch: torch.Tensor, cfg, ignore_index: int,
     copy_last = batch[:, n_past - 1:n_past].expand_as(truth)
     predicted = model.generate(batch[:, :n_past], s.val_future, 1, generator)[:, 0]
     if model.variant == "rgb":
-        error = lambda a, b: float((a.float() - b.float()).square().mean() / 127.5 ** 2)  # noqa: E731 (in [-1,1] units)
+        def error(a, b):  # mean squared error in [-1, 1] units
+            return float((a.float() - b.float()).square().mean() / 127.5 ** 2)
+
         metrics.update(mse_free=error(predicted, truth), mse_copy_last=error(copy_last, truth))
     else:
         teacher = result["out"][:, n_past - 1:].argmax(2)
@@ -234,10 +238,12 @@ def write_samples(model: StructureModel, batch: torch.Tensor, cfg, meta: dict, p
     truth = batch[:, :s.n_past + s.sample_future]
     shown = torch.cat([context, predicted], 1)
     held = torch.cat([context, context[:, -1:].expand_as(predicted)], 1)
-    if model.variant == "rgb":
-        to_rgb = lambda v: v.movedim(-3, -1).cpu().numpy()  # noqa: E731
-    else:
-        to_rgb = lambda v: common.colorize(v.cpu().numpy(), meta["palette"])  # noqa: E731
+
+    def to_rgb(video):
+        if model.variant == "rgb":
+            return video.movedim(-3, -1).cpu().numpy()
+        return common.colorize(video.cpu().numpy(), meta["palette"])
+
     videos = []
     for clip in range(batch.shape[0]):
         videos += [to_rgb(held[clip]), to_rgb(shown[clip]), to_rgb(truth[clip])]

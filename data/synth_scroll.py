@@ -84,7 +84,10 @@ class ScrollWorld:
         self.far_lane = (self.road + max(1, round(0.5 * sy)), round(0.87 * height))
         self.near_lane = (round(0.87 * height), height)
         self.next_id = 1
-        px = lambda v: max(1, round(v * sx))  # noqa: E731
+
+        def px(v):  # a length of the 32x32 world at this size
+            return max(1, round(v * sx))
+
         self.hill_speed, self.ground_speed = px(1), px(2)
         self.layers = {
             "cloud": Layer(rng, width, speed=px(1), direction=1, period=2, make=self._cloud,

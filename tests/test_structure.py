@@ -174,7 +174,10 @@ def test_kl_balance_always_trains_the_prior_and_floors_only_the_posterior_side()
     posterior_side = torch.autograd.grad(result["kl_posterior"].sum(), list(model.prior.parameters()), allow_unused=True)
     assert all(g is None for g in posterior_side)
     # the loss: a * KL(sg q || p) + (1 - a) * max(KL(q || sg p), floor), per frame, averaged over the batch
-    kl = lambda values: torch.tensor(values, requires_grad=True)  # noqa: E731
+
+    def kl(values):
+        return torch.tensor(values, requires_grad=True)
+
     parts = {"out": result["out"].detach(), "kl": kl([[0.5, 3.0], [1.0, 5.0]]), "kl_prior": kl([[0.5, 3.0], [1.0, 5.0]]),
              "kl_posterior": kl([[0.5, 3.0], [1.0, 5.0]])}
     cfg = tiny_cfg("structure.beta=1.0", "structure.free_nats=2.0", "structure.kl_balance=0.75")
@@ -365,7 +368,9 @@ def test_cosine_learning_rate_decays_over_the_budget():
 
 
 def test_budget_is_steps_or_the_clock_whichever_runs_out_first():
-    used = lambda c, step, seconds, last=0.0: train_structure.budget_used(c, step, seconds, last, "cpu")  # noqa: E731
+    def used(c, step, seconds, last=0.0):
+        return train_structure.budget_used(c, step, seconds, last, "cpu")
+
     steps = tiny_cfg("structure.iterations=100", "structure.log_every=10")
     assert used(steps, 49, 0.0)[0] == 0.49 and used(steps, 50, 0.0)[0] == 0.5
     timed = tiny_cfg("structure.iterations=100", "structure.max_minutes=10", "structure.log_every=10")
