@@ -72,6 +72,8 @@ class Pipeline:
         if image is not None and image.use_edges and edge is None:
             raise common.ConfigError("the image generator was trained with boundary maps: a boundary generator is needed")
         self.modalities = ["rgb"] if self.variant == "rgb" else ["label"] + (["rgb"] if image is not None else [])
+        # what the context clips must hold: label maps always, RGB only where a generator reads it
+        self.context_modalities = ("label", "rgb") if "rgb" in self.modalities else ("label",)
         self.models = {name: model.checkpoint_identity for name, model in
                        (("structure", structure), ("edge", edge), ("image", image))
                        if model is not None and hasattr(model, "checkpoint_identity")}
@@ -96,9 +98,9 @@ class Pipeline:
                 f"image.stride={image.trained_config.image.stride}: their frame steps must match")
         return cls(structure, image, edge, device, cfg.rollout.channels_last, stride)
 
-    def init(self, context_labels: torch.Tensor, context_rgb: torch.Tensor, samples: int, generator):
-        """context_labels (B, n_past, H, W) uint8, context_rgb (B, n_past, 3, H, W) uint8."""
-        rows_rgb = context_rgb.float() / 127.5 - 1
+    def init(self, context_labels: torch.Tensor, context_rgb: torch.Tensor | None, samples: int, generator):
+        """context_labels (B, n_past, H, W) uint8, context_rgb (B, n_past, 3, H, W) uint8 (None when neither
+        the structure variant nor an image generator uses RGB: see context_modalities)."""
         self.sstate = self.structure.init_state(context_labels.shape[0], samples, self.device)
         frames = context_rgb if self.variant == "rgb" else context_labels  # uint8: observe() scales RGB itself
         for t in range(frames.shape[1]):
@@ -106,7 +108,7 @@ class Pipeline:
         self.istate = None
         if self.image is not None:
             labels = context_labels[:, -self.tau:].repeat_interleave(samples, 0)
-            rgb = rows_rgb[:, -self.tau:].repeat_interleave(samples, 0)
+            rgb = (context_rgb[:, -self.tau:].float() / 127.5 - 1).repeat_interleave(samples, 0)
             edges = self._edges(labels) if self.edge is not None else None
             self.istate = self.image.init_state(rgb, labels, edges)
 
@@ -154,14 +156,15 @@ def _tensors_of(obj, seen=None) -> list[torch.Tensor]:
 
 # ----------------------------------------------------------------------------- context clips
 
-def pick_clips(cfg, meta, n_past: int, stride: int = 1) -> list[dict]:
+def pick_clips(cfg, meta, n_past: int, stride: int = 1, modalities=("label", "rgb")) -> list[dict]:
     """`clips` context windows of n_past frames `stride` apart, spread over the split's sequences
-    (round-robin, then later starts), each with up to rollout.truth_frames true future frames at the same step."""
+    (round-robin, then later starts), each with up to rollout.truth_frames true future frames at the same
+    step, of `modalities` (structure-only data has no RGB to read)."""
     sequences = list_sequences(cfg.data.root, cfg.rollout.split)
     clips = []
     for i in range(cfg.rollout.clips):
         seq_dir = sequences[i % len(sequences)]
-        arrays = load_sequence_modalities(seq_dir, ("label", "rgb"), meta)
+        arrays = load_sequence_modalities(seq_dir, modalities, meta)
         length, span = arrays["label"].shape[0], (n_past - 1) * stride + 1
         if length < span:
             raise DatasetError(f"{seq_dir}: {length} frames, fewer than rollout.n_past={n_past} at stride {stride}")
@@ -169,8 +172,8 @@ def pick_clips(cfg, meta, n_past: int, stride: int = 1) -> list[dict]:
         start = (i // len(sequences)) * (length - span) // max(rounds, 1)
         future = start + n_past * stride  # the first frame the rollout predicts
         truth_end = min(future + cfg.rollout.truth_frames * stride, length)
-        context = {m: np.array(arrays[m][start:start + span:stride]) for m in ("label", "rgb")}
-        truth = ({m: np.array(arrays[m][future:truth_end:stride]) for m in ("label", "rgb")}
+        context = {m: np.array(arrays[m][start:start + span:stride]) for m in modalities}
+        truth = ({m: np.array(arrays[m][future:truth_end:stride]) for m in modalities}
                  if truth_end > future else None)
         clips.append({"sequence": seq_dir.name, "start": int(start), "context": context, "truth": truth})
     return clips
@@ -229,8 +232,8 @@ def run_group(cfg, pipeline: Pipeline, writer: RolloutWriter, clip_ids: list, cl
     state_path = state_dir / f"group_{clip_ids[0]:04d}.pt"
     generator = torch.Generator(device).manual_seed(cfg.run.seed * 1_000_003 + clip_ids[0])
     context_labels = torch.stack([torch.from_numpy(clips[c]["context"]["label"]) for c in clip_ids]).to(device)
-    context_rgb = torch.stack([torch.from_numpy(clips[c]["context"]["rgb"]).permute(0, 3, 1, 2)
-                               for c in clip_ids]).to(device)
+    context_rgb = (torch.stack([torch.from_numpy(clips[c]["context"]["rgb"]).permute(0, 3, 1, 2)
+                                for c in clip_ids]).to(device) if "rgb" in clips[clip_ids[0]]["context"] else None)
     pipeline.init(context_labels, context_rgb, samples, generator)
     start = 0
     saved = torch.load(state_path, map_location="cpu", weights_only=True) if state_path.is_file() else None
@@ -318,7 +321,7 @@ def main(argv=None) -> Path:
     pipeline = Pipeline.from_checkpoints(cfg, dist.device)
     if pipeline.image is not None and r.n_past < pipeline.tau:
         raise common.ConfigError(f"rollout.n_past={r.n_past} is shorter than the image generator's tau={pipeline.tau}")
-    clips = pick_clips(cfg, meta, r.n_past, pipeline.stride)
+    clips = pick_clips(cfg, meta, r.n_past, pipeline.stride, pipeline.context_modalities)
     out_dir = Path(r.out or Path(cfg.run.dir) / "rollout")
     common.lock_folder(out_dir)
     writer_args = dict(dataset_root=cfg.data.root, split=r.split, n_past=r.n_past, frames=r.frames,

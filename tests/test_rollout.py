@@ -145,6 +145,20 @@ def test_a_rollout_folder_is_resumed_or_reused_only_with_the_checkpoints_that_wr
     assert np.array_equal(_frames(out, "label"), before)
 
 
+def test_structure_only_data_rolls_out_without_an_image_generator(tmp_path):
+    """The layout allows label maps without an rgb/ folder: with --rollout.image_ckpt=none nothing reads RGB."""
+    from tests.conftest import write_random_dataset
+    labels_only = write_random_dataset(tmp_path / "labels", sequences=2, frames=12, size=(32, 32), num_classes=19,
+                                       modalities=("label",))
+    assert not list(labels_only.glob("*/*/rgb"))
+    _save_generators(labels_only, tmp_path / "run")
+    out = rollout.main(_argv(labels_only, tmp_path / "run", "--frames=12", "--rollout.chunk=6", "--rollout.image_ckpt=none",
+                             "--rollout.videos=true", f"--rollout.out={tmp_path / 'out'}"))
+    reader = read_rollout(out)
+    assert reader.protocol["complete"] and reader.modalities == ["label"]
+    assert reader.frames(1, 1, "label").shape == (12, 32, 32)
+
+
 def test_rollout_steps_at_the_training_stride(tiny_drive, tmp_path):
     """Generators trained on every 2nd frame see context and truth at that frame step, and the protocol
     records it (evaluation compares with training shots at the same step); differing strides are refused."""
