@@ -18,6 +18,7 @@ and free of host synchronisation; on CUDA one step is captured in a CUDA graph.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -323,7 +324,19 @@ def main(argv=None) -> Path:
         raise common.ConfigError(f"rollout.n_past={r.n_past} is shorter than the image generator's tau={pipeline.tau}")
     clips = pick_clips(cfg, meta, r.n_past, pipeline.stride, pipeline.context_modalities)
     out_dir = Path(r.out or Path(cfg.run.dir) / "rollout")
+    fresh = not out_dir.exists()
     common.lock_folder(out_dir)
+    try:
+        return roll_out(cfg, dist, meta, pipeline, clips, out_dir)
+    except BaseException:
+        if fresh and dist.is_main and not any(out_dir.glob("clip_*/sample_*/*/*.npy")):
+            shutil.rmtree(out_dir, ignore_errors=True)  # a failed first start leaves no folder of stray files
+        raise
+
+
+def roll_out(cfg, dist, meta, pipeline: Pipeline, clips: list, out_dir: Path) -> Path:
+    """Write the protocol and contexts, step every clip group to the end in chunks, then the videos."""
+    r = cfg.rollout
     writer_args = dict(dataset_root=cfg.data.root, split=r.split, n_past=r.n_past, frames=r.frames,
                        samples=r.samples, clips=[{"sequence": c["sequence"], "start": c["start"]} for c in clips],
                        size=cfg.data.size, num_classes=cfg.data.num_classes, chunk=r.chunk, seed=cfg.run.seed,

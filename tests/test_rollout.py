@@ -105,6 +105,22 @@ def test_resume_mid_rollout_equals_uninterrupted(tiny_drive, tmp_path):
     assert np.array_equal(_frames(full, "rgb"), _frames(stopped, "rgb"))
 
 
+def test_a_rollout_that_fails_before_its_first_chunk_leaves_no_folder(tiny_drive, tmp_path, monkeypatch):
+    _save_generators(tiny_drive, tmp_path / "run")
+
+    def broken_step(self, generator):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(rollout.Pipeline, "step", broken_step)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        rollout.main(_argv(tiny_drive, tmp_path / "run", "--frames=20", f"--rollout.out={tmp_path / 'out'}"))
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "mine").mkdir()                                    # a folder the user made is never removed
+    with pytest.raises(RuntimeError, match="out of memory"):
+        rollout.main(_argv(tiny_drive, tmp_path / "run", "--frames=20", f"--rollout.out={tmp_path / 'mine'}"))
+    assert (tmp_path / "mine").is_dir()
+
+
 def test_videos_written(tiny_drive, tmp_path):
     _save_generators(tiny_drive, tmp_path / "run")
     out = rollout.main(_argv(tiny_drive, tmp_path / "run", "--frames=20", "--rollout.videos=true",
