@@ -237,7 +237,12 @@ def run_group(cfg, pipeline: Pipeline, writer: RolloutWriter, clip_ids: list, cl
                                 for c in clip_ids]).to(device) if "rgb" in clips[clip_ids[0]]["context"] else None)
     pipeline.init(context_labels, context_rgb, samples, generator)
     start = 0
-    saved = torch.load(state_path, map_location="cpu", weights_only=True) if state_path.is_file() else None
+    saved = None
+    if state_path.is_file():
+        try:
+            saved = torch.load(state_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a state cut short (disk full, a kill outside its atomic write) only costs time
+            common.log(f"{state_path} is unreadable ({type(e).__name__}); recomputing this group from frame 0")
     # The state is saved after its chunk is on disk; if chunks were lost since, recompute from frame 0.
     if saved is not None and 0 < saved["frame"] <= writer.frames_done(clip_ids):
         start = int(saved["frame"])

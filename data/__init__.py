@@ -7,7 +7,7 @@ __all__ = ["ensure_dataset", "DatasetError", "list_sequences", "load_sequence", 
 
 def ensure_dataset(cfg) -> dict:
     """The dataset's meta, generating synthetic data first when `data.root` is missing and
-    `data.synth` names a generator. Checks the meta against the config's classes."""
+    `data.synth` names a generator. Checks the meta against the config's classes and frame size."""
     from pathlib import Path
     root = Path(cfg.data.root)
     if not (root / "meta.yaml").is_file():
@@ -22,4 +22,7 @@ def ensure_dataset(cfg) -> dict:
     if meta["num_classes"] != cfg.data.num_classes:
         raise DatasetError(f"{root / 'meta.yaml'}: num_classes is {meta['num_classes']} but the config's "
                            f"data.num_classes is {cfg.data.num_classes}")
+    if "size" in meta and list(meta["size"]) != list(cfg.data.size):
+        raise DatasetError(f"{root / 'meta.yaml'}: the frames are {list(meta['size'])} (H, W) but the config's "
+                           f"data.size is {list(cfg.data.size)}")
     return meta

@@ -53,6 +53,14 @@ def test_a_pack_checked_against_other_classes_is_checked_again(random_dataset):
         ClipDataset(random_dataset, "val", 2, 2)
 
 
+def test_a_frame_size_other_than_the_configs_is_named_when_the_data_is_opened(random_dataset):
+    import common
+    from data import ensure_dataset
+    cfg = common.load_config(None, [f"data.root={random_dataset}", "data.num_classes=4", "data.size=[32, 32]"])
+    with pytest.raises(DatasetError, match=r"meta.yaml: the frames are \[16, 16\] \(H, W\) but the config's data.size is \[32, 32\]"):
+        ensure_dataset(cfg)
+
+
 def test_ignore_index_is_allowed(random_dataset):
     frame = np.zeros((16, 16), np.uint8)
     frame[0, 0] = 255

@@ -81,6 +81,12 @@ def test_resume_from_partial_output(tiny_drive, tmp_path):
     assert read_rollout(partial).protocol["complete"]
     for modality in ("label", "rgb"):
         assert np.array_equal(_frames(full, modality), _frames(partial, modality))
+    # a truncated state file is recomputed from frame 0, to the same frames
+    (partial / "clip_0001" / "sample_001" / "label" / "000200.npy").unlink()
+    (partial / "rollout.yaml").write_text((partial / "rollout.yaml").read_text().replace("complete: true", "complete: false"))
+    state.write_bytes(state.read_bytes()[:100])
+    rollout.main(_argv(tiny_drive, tmp_path / "run", "--frames=300", "--rollout.chunk=100", f"--rollout.out={partial}"))
+    assert np.array_equal(_frames(full, "label"), _frames(partial, "label"))
 
 
 def test_resume_mid_rollout_equals_uninterrupted(tiny_drive, tmp_path):
