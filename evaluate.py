@@ -691,6 +691,9 @@ def run(cfg) -> dict:
                            f"label dynamics need them")
     if not chosen:
         raise RolloutError(f"{rollout_dir}: nothing to evaluate (no RGB frames and no ground truth)")
+    if chosen & {"shotwise", "inception"} and reader.frames_done() < ev.window:  # before any feature is extracted
+        raise RolloutError(f"{rollout_dir}: {reader.frames_done()} frames are fewer than the window of "
+                           f"{ev.window} (evaluate.window) of shot-wise FVD and the Inception-style score")
     if ev.classifier not in CLASSIFIERS:
         raise WeightError(f"evaluate.classifier={ev.classifier!r}; choose one of {', '.join(CLASSIFIERS)}")
     dataset_root = ev.dataset_root or (reader.protocol["dataset_root"]

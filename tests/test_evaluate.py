@@ -278,6 +278,18 @@ def test_dynamics_of_a_rollout_without_label_maps_is_refused(tmp_path, capsys):
     assert "has no label maps" in capsys.readouterr().err
 
 
+def test_a_rollout_shorter_than_the_window_is_refused_before_any_feature_is_extracted(tmp_path, capsys, monkeypatch):
+    _tiny_rollout(tmp_path / "rollout", frames=12)
+
+    def no_features(*args, **kwargs):
+        raise AssertionError("training-shot features were extracted before the length check")
+
+    monkeypatch.setattr(ev, "cached_shot_features", no_features)
+    with pytest.raises(SystemExit):
+        ev.main([f"--evaluate.rollout_dir={tmp_path / 'rollout'}", "--shotwise", "--evaluate.window=16"])
+    assert "12 frames are fewer than the window of 16 (evaluate.window)" in capsys.readouterr().err
+
+
 def test_data_label_dynamics_counts_changes_at_the_stride(tmp_path):
     """The data's change per step at stride 1 and 2, and its class mix, from frames made by hand."""
     root = tmp_path / "ds"
