@@ -375,8 +375,8 @@ def atomic_path(path):
             tmp.unlink()
 
 
-class FolderBusy(RuntimeError):
-    """Another live process holds the folder's lock; the message names its pid."""
+class FolderError(RuntimeError):
+    """A run or rollout folder is locked by another live process (the message names its pid) or cannot be written."""
 
 
 _HELD_LOCKS: dict[Path, int] = {}
@@ -391,14 +391,18 @@ def lock_folder(folder) -> Path:
     folder = Path(folder).resolve()
     if not _DIST.is_main or folder in _HELD_LOCKS:
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:  # before any work: a folder that cannot be written fails here, not after the last training step
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, FILE_MODE)
+    except OSError as e:
+        raise FolderError(f"{folder} cannot be written ({e.strerror or type(e).__name__}); choose another folder "
+                         f"(run.dir / rollout.out)") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise FolderBusy(f"{folder} is in use by another run (pid {holder}); wait for it, or choose another "
+        raise FolderError(f"{folder} is in use by another run (pid {holder}); wait for it, or choose another "
                          f"folder (run.dir / rollout.out)") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -888,7 +892,7 @@ def main_guard(fn):
     from data.rollout_io import RolloutError
     try:
         result = fn()
-    except (ConfigError, CheckpointError, DatasetError, RolloutError, NonFiniteLoss, FolderBusy) as e:
+    except (ConfigError, CheckpointError, DatasetError, RolloutError, NonFiniteLoss, FolderError) as e:
         fail(str(e))
     else:
         if StopSignal.signalled:

@@ -179,3 +179,11 @@ def test_taking_the_lock_removes_temporary_files_of_dead_writers(tmp_path):
     common.lock_folder(folder)
     common.unlock_folder(folder)
     assert not any(p.exists() for p in orphans) and all(p.exists() for p in kept)
+
+
+def test_a_folder_that_cannot_be_written_is_named_before_any_work(random_dataset, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "toy_loop.py"), str(random_dataset),
+                             str(tmp_path / "a_file" / "run"), "2"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "a_file/run cannot be written" in result.stderr
+    assert "Traceback" not in result.stderr
