@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import fnmatch
 import functools
 import hashlib
 import io
@@ -196,8 +197,7 @@ _RANGES = [
 ]
 
 
-def _range_rule(key: str, value) -> str:
-    import fnmatch
+def _range_rule(key: str) -> str:
     for patterns, rule in _RANGES:
         if any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns):
             return rule
@@ -226,7 +226,7 @@ def check_ranges(tree: dict, prefix: str = "") -> None:
         numbers = value if isinstance(value, list) else [value]
         if not numbers or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
             continue
-        rule = _range_rule(dotted, value)
+        rule = _range_rule(dotted)
         for number in numbers:
             if not _in_range(number, rule):
                 raise ConfigError(f"{dotted} must be {rule}, got {value!r}")
@@ -338,7 +338,7 @@ def _read_umask() -> int:
 FILE_MODE = 0o666 & ~_read_umask()  # what open() would give a new file: mkstemp's 0600 would hide outputs from a lab
 
 
-def private_temp_file(directory, prefix: str = "", suffix: str = ".tmp") -> tuple[int, str]:
+def temp_file(directory, prefix: str = "", suffix: str = ".tmp") -> tuple[int, str]:
     """mkstemp in `directory`, with the mode a plain open() would give (0644 under umask 022)."""
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=suffix)
     os.fchmod(fd, FILE_MODE)
@@ -348,7 +348,7 @@ def private_temp_file(directory, prefix: str = "", suffix: str = ".tmp") -> tupl
 def atomic_write_bytes(path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = private_temp_file(path.parent, prefix=f".{path.name}.")
+    fd, tmp = temp_file(path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -407,7 +407,7 @@ def lock_folder(folder) -> Path:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _HELD_LOCKS[folder] = fd
-    for stale in [*folder.rglob(".*.tmp"), *folder.rglob(".*.tmp.*")]:
+    for stale in folder.rglob(".*.tmp*"):          # .name.XXXX.tmp, .name.pid.tmp.mp4
         with contextlib.suppress(OSError):
             stale.unlink()
     return folder
@@ -705,11 +705,11 @@ class StopSignal:
     """SIGINT/SIGTERM set a flag the loop checks so it can checkpoint and exit cleanly.
     A second SIGINT interrupts at once."""
 
+    signalled = False  # any instance, this process: main_guard then exits with EXIT_STOPPED
+
     def __init__(self):
         self.requested = False
         self._previous = {}
-
-    signalled = False  # any instance, this process: main_guard then exits with EXIT_STOPPED
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:

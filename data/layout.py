@@ -184,7 +184,7 @@ def load_sequence(seq_dir, modality: str, meta: dict | None = None) -> np.ndarra
             pass  # a damaged cache is rebuilt below
     packed = _pack(paths, modality, meta)
     cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = common.private_temp_file(cache, suffix=".npy.tmp")
+    fd, tmp = common.temp_file(cache, suffix=".npy.tmp")
     with os.fdopen(fd, "wb") as f:
         np.save(f, packed)
     os.replace(tmp, packed_path)
