@@ -506,18 +506,21 @@ def setup_distributed(device_preference: str = "auto") -> Dist:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_preference, local_rank)
+    if device.type == "cuda":  # with one rank too: Triton launches and CUDA-graph streams use the current device
+        torch.cuda.set_device(device)
     if world_size > 1 and not torch.distributed.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     _DIST = Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
     return _DIST
 
 
-def cleanup_distributed() -> None:
+def cleanup_distributed(failed: bool = False) -> None:
+    """Leave the process group; after a failure without the closing barrier, which the ranks that did not
+    fail would never reach (the job would hang instead of exiting)."""
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        if not failed:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
@@ -890,17 +893,18 @@ def main_guard(fn):
     and scripts can tell it from a finished one (exit 0)."""
     from data.layout import DatasetError
     from data.rollout_io import RolloutError
+    failed = True
     try:
         result = fn()
+        failed = False
     except (ConfigError, CheckpointError, DatasetError, RolloutError, NonFiniteLoss, FolderError) as e:
         fail(str(e))
-    else:
-        if StopSignal.signalled:
-            log(f"stopped by a signal; exit code {EXIT_STOPPED} (resume with the same command and --resume)")
-            raise SystemExit(EXIT_STOPPED)
-        return result
     finally:
-        cleanup_distributed()
+        cleanup_distributed(failed)
+    if StopSignal.signalled:
+        log(f"stopped by a signal; exit code {EXIT_STOPPED} (resume with the same command and --resume)")
+        raise SystemExit(EXIT_STOPPED)
+    return result
 
 
 def assert_ranks_identical(module: torch.nn.Module, what: str = "parameters") -> None:

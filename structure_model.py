@@ -34,7 +34,7 @@ import kernels
 
 VARIANTS = ("svg", "lstm", "cnn", "soft", "rgb")
 SKIP_MODES = ("previous", "last_context")
-LATENTS = ("gaussian", "categorical")
+LATENTS = ("gaussian", "categorical", "mixture")
 STOCHASTIC = ("svg", "soft", "rgb")
 
 
@@ -199,18 +199,71 @@ def gaussian_kl(mu_q, logvar_q, mu_p, logvar_p) -> torch.Tensor:
 
 
 class GaussianLatent:
-    """The paper's latent: z = mu + sigma * noise, noise ~ N(0, 1)."""
-    stats_per_channel = 2
+    """The paper's latent: z = mu + sigma * noise, noise ~ N(0, 1), posterior and prior alike.
+    Every latent below has the same interface: the posterior's and the prior's statistics channels, the
+    noise channels a sample reads, sample_posterior / sample_prior, and kl(q, p, z) per batch item, z
+    the posterior's sample (used by latents whose KL has no closed form)."""
 
     def __init__(self, z_channels: int):
         self.z_channels = z_channels
+        self.posterior_channels = self.prior_channels = 2 * z_channels
+        self.noise_channels = z_channels
 
-    def sample(self, stats: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def sample_posterior(self, stats: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         mu, logvar = stats.chunk(2, 1)
         return mu + noise * (0.5 * logvar).exp()
 
-    def kl(self, q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    sample_prior = sample_posterior
+
+    def kl(self, q: torch.Tensor, p: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         return gaussian_kl(*q.chunk(2, 1), *p.chunk(2, 1))
+
+
+def gaussian_log_density(z, mu, logvar) -> torch.Tensor:
+    """log N(z; mu, exp(logvar)) per element."""
+    return -0.5 * (math.log(2 * math.pi) + logvar + (z - mu) ** 2 / logvar.exp())
+
+
+class MixturePriorLatent:
+    """The paper's Gaussian posterior with a prior that is a mixture of `components` diagonal Gaussians per
+    latent cell. A cell where an object enters now and then needs a prior with two modes, "nothing" and
+    "an object", which one Gaussian can only cover by spreading between them (docs/opening_the_latent.md).
+    The KL has no closed form: it is estimated at the posterior's sample z, log q(z) - log p(z) (summed
+    over cells), an unbiased estimate whose gradient fits the mixture to the posterior's samples. A prior
+    sample picks a component per cell by inverse CDF from one extra noise channel (through its N(0, 1)
+    CDF), then draws from that Gaussian."""
+
+    def __init__(self, z_channels: int, components: int):
+        if components < 2:
+            raise ValueError(f"structure.latent_classes={components} (mixture components) must be >= 2")
+        self.z_channels, self.components = z_channels, components
+        self.posterior_channels = 2 * z_channels
+        self.prior_channels = components * (2 * z_channels + 1)
+        self.noise_channels = z_channels + 1
+
+    def mixture(self, p: torch.Tensor):
+        """Prior statistics -> mu, logvar (B, K, Z, h, w) and log mixture weights (B, K, h, w)."""
+        k, z = self.components, self.z_channels
+        mu, logvar = p[:, :2 * k * z].unflatten(1, (2, k, z)).unbind(1)
+        return mu, logvar, p[:, 2 * k * z:].log_softmax(1)
+
+    def sample_posterior(self, stats: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        mu, logvar = stats.chunk(2, 1)
+        return mu + noise[:, :self.z_channels] * (0.5 * logvar).exp()
+
+    def sample_prior(self, p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        mu, logvar, log_weights = self.mixture(p)
+        uniform = torch.special.ndtr(noise[:, self.z_channels:].to(p.dtype))                  # (B, 1, h, w)
+        pick = (log_weights.exp().cumsum(1) < uniform).sum(1, keepdim=True).clamp_max(self.components - 1)
+        pick = pick.unsqueeze(2).expand(-1, -1, self.z_channels, -1, -1)                    # (B, 1, Z, h, w)
+        mu, logvar = mu.gather(1, pick).squeeze(1), logvar.gather(1, pick).squeeze(1)
+        return mu + noise[:, :self.z_channels] * (0.5 * logvar).exp()
+
+    def kl(self, q: torch.Tensor, p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        log_q = gaussian_log_density(z, *q.chunk(2, 1)).sum(1)                               # (B, h, w)
+        mu, logvar, log_weights = self.mixture(p)
+        log_p = torch.logsumexp(log_weights + gaussian_log_density(z.unsqueeze(1), mu, logvar).sum(2), 1)
+        return (log_q - log_p).flatten(1).sum(1)
 
 
 class CategoricalLatent:
@@ -222,7 +275,6 @@ class CategoricalLatent:
     category's log-probability runs off to -inf (DreamerV3's unimix). Posterior and prior start on their
     first category (logit +`start_logit`): z starts constant, not as noise that the decoder would learn to
     ignore before the posterior has learnt to say anything (docs/opening_the_latent.md, run L)."""
-    stats_per_channel = 1
     uniform = 0.01
     start_logit = 3.0
 
@@ -230,6 +282,7 @@ class CategoricalLatent:
         if classes < 2 or z_channels % classes:
             raise ValueError(f"structure.latent_classes={classes} must be >= 2 and divide structure.z_channels={z_channels}")
         self.z_channels, self.classes = z_channels, classes
+        self.posterior_channels = self.prior_channels = self.noise_channels = z_channels
 
     def init_head(self, conv: nn.Conv2d) -> None:
         with torch.no_grad():
@@ -242,14 +295,16 @@ class CategoricalLatent:
     def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
         return self.probs(logits).log()
 
-    def sample(self, logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def sample_posterior(self, logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         probs = self.probs(logits)
         uniform = torch.special.ndtr(noise.to(probs.dtype)).clamp(1e-6, 1 - 1e-6).view_as(probs)
         index = (probs.log() - torch.log(-torch.log(uniform))).argmax(2, keepdim=True)
         onehot = torch.zeros_like(probs).scatter_(2, index, 1.0)
         return (onehot + probs - probs.detach()).flatten(1, 2)
 
-    def kl(self, q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    sample_prior = sample_posterior
+
+    def kl(self, q: torch.Tensor, p: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         log_q, log_p = self.log_probs(q), self.log_probs(p)
         return (log_q.exp() * (log_q - log_p)).flatten(1).sum(1)
 
@@ -318,10 +373,14 @@ class StructureModel(nn.Module):
         self.decoder = Decoder(h_channels, blocks, self.encoder.pooled, self.channels,
                                z_channels if self.z_to_decoder else 0)
         if self.stochastic:
-            self.latent = GaussianLatent(z_channels) if latent == "gaussian" else CategoricalLatent(z_channels, latent_classes)
-            stats = self.latent.stats_per_channel * z_channels
-            self.posterior = LatentLSTM(h_channels, lstm_width, posterior_layers, stats, z_pool)
-            self.prior = LatentLSTM(h_channels, lstm_width, posterior_layers, stats, z_pool)
+            if latent == "gaussian":
+                self.latent = GaussianLatent(z_channels)
+            elif latent == "categorical":
+                self.latent = CategoricalLatent(z_channels, latent_classes)
+            else:
+                self.latent = MixturePriorLatent(z_channels, latent_classes)
+            self.posterior = LatentLSTM(h_channels, lstm_width, posterior_layers, self.latent.posterior_channels, z_pool)
+            self.prior = LatentLSTM(h_channels, lstm_width, posterior_layers, self.latent.prior_channels, z_pool)
             if latent == "categorical":
                 self.latent.init_head(self.posterior.to_stats)
                 self.latent.init_head(self.prior.to_stats)
@@ -397,12 +456,13 @@ class StructureModel(nn.Module):
             if self.stochastic:
                 stats_q, post_state = self.posterior(codes[:, t], post_state)
                 stats_p, prior_state = self.prior(codes[:, t - 1], prior_state)
-                z = self.latent.sample(stats_p if prior_z else stats_q, torch.randn(stats_q.shape[0], self.z_channels, *self.z_size,
-                                                            generator=generator, device=device))
-                kls.append(self.latent.kl(stats_q, stats_p))
+                noise = torch.randn(batch, self.latent.noise_channels, *self.z_size, generator=generator, device=device)
+                z_q = self.latent.sample_posterior(stats_q, noise)
+                z = self.latent.sample_prior(stats_p, noise) if prior_z else z_q
+                kls.append(self.latent.kl(stats_q, stats_p, z_q))
                 # the same value with gradients to one side only (KL balancing)
-                kls_prior.append(self.latent.kl(stats_q.detach(), stats_p))
-                kls_posterior.append(self.latent.kl(stats_q, stats_p.detach()))
+                kls_prior.append(self.latent.kl(stats_q.detach(), stats_p, z_q.detach()))
+                kls_posterior.append(self.latent.kl(stats_q, stats_p.detach(), z_q))
             g, pred_state = self.predict_g(codes[:, t - 1], z, pred_state)
             gs.append(g)
             zs.append(z)
@@ -455,7 +515,7 @@ class StructureModel(nn.Module):
             state.lstm["posterior"] = self.posterior.lstm.zero_state(rows, latent_h, latent_w, device, fmt)
             state.lstm["prior"] = self.prior.lstm.zero_state(rows, latent_h, latent_w, device, fmt)
             # contiguous whatever the format: normal_ fills memory in order, so the draws stay the same
-            state.noise = torch.zeros(rows, self.z_channels, *self.z_size, device=device)
+            state.noise = torch.zeros(rows, self.latent.noise_channels, *self.z_size, device=device)
         if self.variant != "cnn":
             state.lstm["predictor"] = self.predictor.zero_state(rows, latent_h, latent_w, device, fmt)
         state.code = torch.zeros(rows, self.h_channels, latent_h, latent_w, device=device).contiguous(memory_format=fmt)
@@ -470,7 +530,7 @@ class StructureModel(nn.Module):
             stats_p, prior_new = self.prior(state.code, state.lstm["prior"])
             if z is None:  # predicting: z from the prior
                 state.noise.normal_(generator=generator)
-                z = self.latent.sample(stats_p, state.noise)
+                z = self.latent.sample_prior(stats_p, state.noise)
             for buffers, values in zip(state.lstm["prior"], prior_new):
                 _assign(buffers, values)
         g, pred_new = self.predict_g(state.code, z, state.lstm.get("predictor"))
@@ -509,7 +569,7 @@ class StructureModel(nn.Module):
             if self.stochastic:
                 stats_q, post_new = self.posterior(code, state.lstm["posterior"])
                 state.noise.normal_(generator=generator)
-                z = self.latent.sample(stats_q, state.noise)
+                z = self.latent.sample_posterior(stats_q, state.noise)
                 for buffers, values in zip(state.lstm["posterior"], post_new):
                     _assign(buffers, values)
             self._advance(state, z, generator)

@@ -23,6 +23,14 @@ torch.set_num_threads(1)
 import pytest  # noqa: E402
 
 
+@pytest.fixture
+def master_port() -> int:
+    """A free TCP port for a torchrun test's rendezvous."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 @pytest.fixture(scope="session")
 def tiny_drive(tmp_path_factory):
     """A tiny synth-drive dataset: 3 train / 1 val / 1 test sequences of 40 frames at 32x32."""

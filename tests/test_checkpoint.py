@@ -187,3 +187,14 @@ def test_a_folder_that_cannot_be_written_is_named_before_any_work(random_dataset
                              str(tmp_path / "a_file" / "run"), "2"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "a_file/run cannot be written" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_failing_rank_ends_the_job_instead_of_hanging(master_port):
+    """One DDP rank fails while the other waits for it: the job ends (torchrun stops the waiting rank) with the
+    failing rank's one-line error, instead of hanging in main_guard's closing barrier."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={master_port}",
+               str(ROOT / "tests" / "dist_failure.py")]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert "rank 1 failed on purpose" in done.stdout + done.stderr

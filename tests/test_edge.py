@@ -1,5 +1,4 @@
 """Boundary generator (train_edge.py): shapes, ground-truth boundaries, scores, training, resume, DDP."""
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -252,14 +251,9 @@ def test_disabled_config_is_refused(toy_root, tmp_path):
         train_edge.main(tiny_args(toy_root, tmp_path, "--edge.enabled=false"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def test_two_process_ddp_keeps_ranks_identical(toy_root, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+def test_two_process_ddp_keeps_ranks_identical(toy_root, tmp_path, master_port):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={master_port}",
                "train_edge.py", *tiny_args(toy_root, tmp_path, "--steps=3", "--edge.batch_size=2",
                                            "--edge.eval_every=3", "--run.device=cpu")]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240,

@@ -1,7 +1,6 @@
 """Image generator (train_image.py, image_model.py): shapes, the composite formula, learning, the
 rollout step API, resume == uninterrupted, and two-process DDP on gloo."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -208,14 +207,9 @@ def test_resume_equals_uninterrupted(tiny_drive, tmp_path):
     assert not generator.training and cfg.image.ngf == 8
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def test_torchrun_two_ranks_stay_identical(tiny_drive, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+def test_torchrun_two_ranks_stay_identical(tiny_drive, tmp_path, master_port):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={master_port}",
                "train_image.py", *tiny_overrides(tiny_drive, tmp_path, steps=3, **{"run.device": "cpu"})]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -3,7 +3,6 @@ import gc
 import hashlib
 import os
 import resource
-import socket
 import subprocess
 import sys
 import warnings
@@ -133,11 +132,6 @@ def test_ablation_variants_train_and_generate(tiny_drive, tmp_path, variant):
         assert out.shape == (2, 2, 4, 32, 32) and out.dtype == torch.uint8 and int(out.max()) < 19
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_kl_warmup_ramps_beta_and_validation_uses_full_beta():
     cfg = tiny_cfg("structure.beta=0.5", "structure.kl_warmup=100")
@@ -195,14 +189,14 @@ def test_categorical_latent_samples_one_hots_at_its_probabilities_with_exact_kl(
     latent = CategoricalLatent(8, 4)                        # two variables of 4 categories per cell
     torch.manual_seed(0)
     logits = torch.randn(2, 8, 3, 3, requires_grad=True)
-    z = latent.sample(logits, torch.randn(2, 8, 3, 3))
+    z = latent.sample_posterior(logits, torch.randn(2, 8, 3, 3))
     groups = z.detach().unflatten(1, (2, 4))
     assert torch.allclose(groups.sum(2), torch.ones(2, 2, 3, 3)) and torch.allclose(groups, groups.round(), atol=1e-6)
     (z * torch.randn_like(z)).sum().backward()              # straight-through: the probabilities get the gradient
     assert logits.grad.abs().sum() > 0
     # Gumbel-max over the N(0, 1) noise's CDF draws each category at its (unimix) probability
     one = torch.tensor([2.0, 0.0, -1.0, 0.5]).view(1, 4, 1, 1)
-    draws = latent.sample(one.repeat(1, 2, 1, 1).expand(20000, 8, 1, 1), torch.randn(20000, 8, 1, 1))
+    draws = latent.sample_posterior(one.repeat(1, 2, 1, 1).expand(20000, 8, 1, 1), torch.randn(20000, 8, 1, 1))
     expected = 0.99 * one.view(4).softmax(0) + 0.01 / 4
     assert torch.allclose(draws.unflatten(1, (2, 4)).mean((0, 1)).view(4), expected, atol=0.015)
     q, p = torch.randn(2, 8, 3, 3), torch.randn(2, 8, 3, 3)
@@ -250,7 +244,7 @@ def test_z_pool_draws_one_latent_cell_per_pooled_block():
     seen = {}
     original = model.predictor.forward
     model.predictor.forward = lambda x, st: (seen.setdefault("x", x), original(x, st))[1]
-    z = model.latent.sample(stats, torch.randn(2, model.z_channels, 2, 2))
+    z = model.latent.sample_posterior(stats, torch.randn(2, model.z_channels, 2, 2))
     model.predict_g(torch.zeros(2, model.h_channels, 8, 8), z, model.predictor.zero_state(2, 8, 8, "cpu"))
     z_seen = seen["x"][:, model.h_channels:]
     assert torch.equal(z_seen, z.repeat_interleave(4, 2).repeat_interleave(4, 3))
@@ -278,8 +272,8 @@ def test_born_weight_weighs_the_nll_of_born_pixels_only():
     assert torch.allclose(weighted, (nll * (1 + 30 * born.float())).mean((2, 3)).sum())
 
 
-def test_ddp_two_ranks_stay_identical(tiny_drive, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+def test_ddp_two_ranks_stay_identical(tiny_drive, tmp_path, master_port):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={master_port}",
                str(ROOT / "train_structure.py"), *tiny_args(tiny_drive, tmp_path, "--structure.iterations=3")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
