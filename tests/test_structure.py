@@ -216,6 +216,37 @@ def test_categorical_latent_samples_one_hots_at_its_probabilities_with_exact_kl(
     assert torch.equal(first, model.generate(context, 6, samples=2, generator=torch.Generator().manual_seed(0)))
 
 
+def test_mixture_prior_latent_samples_its_components_and_estimates_the_kl_without_bias():
+    from structure_model import MixturePriorLatent, gaussian_kl
+    latent = MixturePriorLatent(3, 4)                       # z of 3 channels; a prior of 4 Gaussians per cell
+    torch.manual_seed(0)
+    q, single = torch.randn(2, 6, 2, 2), torch.randn(2, 6, 2, 2)
+    mu, logvar = single.chunk(2, 1)
+    # four identical components are one Gaussian: the estimate at 10,000 posterior samples against the closed form
+    same = torch.cat([mu.repeat(1, 4, 1, 1), logvar.repeat(1, 4, 1, 1), torch.randn(2, 4, 2, 2)], 1)
+    draws = 5000
+    z = latent.sample_posterior(q.repeat(draws, 1, 1, 1), torch.randn(2 * draws, 4, 2, 2))
+    estimate = latent.kl(q.repeat(draws, 1, 1, 1), same.repeat(draws, 1, 1, 1), z).view(draws, 2).mean(0)
+    exact = gaussian_kl(*q.chunk(2, 1), mu, logvar)
+    assert torch.allclose(estimate, exact, rtol=0.02), (estimate, exact)
+    # a prior sample picks component k at its weight: components 10 apart with tiny variances
+    weights = torch.tensor([0.0, 1.0, 2.0, -1.0])
+    means = (10.0 * torch.arange(4.0)).repeat_interleave(3).view(1, 12, 1, 1)
+    prior = torch.cat([means, torch.full((1, 12, 1, 1), -20.0), weights.view(1, 4, 1, 1)], 1).expand(40000, -1, -1, -1)
+    picked = (latent.sample_prior(prior, torch.randn(40000, 4, 1, 1)) / 10).round().long()
+    assert (picked == picked[:, :1]).all()                 # every channel of a cell from the same component
+    assert torch.allclose(torch.bincount(picked[:, 0].flatten(), minlength=4) / 40000.0, weights.softmax(0), atol=0.01)
+    with pytest.raises(common.ConfigError, match="latent_classes"):
+        build_model(tiny_cfg("structure.latent=mixture", "structure.latent_classes=1"))
+    model = build_model(tiny_cfg("structure.latent=mixture", "structure.latent_classes=4", "structure.z_pool=2")).eval()
+    assert model.prior.to_stats.out_channels == 4 * (2 * model.z_channels + 1)
+    out = model(random_labels(2, 5, 32, 32), 2, generator=torch.Generator().manual_seed(0))
+    assert out["kl"].shape == (2, 4) and torch.isfinite(out["kl"]).all()
+    context = random_labels(2, 3, 32, 32)
+    first = model.generate(context, 6, samples=2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(first, model.generate(context, 6, samples=2, generator=torch.Generator().manual_seed(0)))
+
+
 def test_z_to_decoder_feeds_z_into_every_decoder_block():
     torch.manual_seed(0)
     plain, direct = build_model(tiny_cfg()), build_model(tiny_cfg("structure.z_to_decoder=true"))
