@@ -191,7 +191,7 @@ _RANGES = [
       "*.n_past", "*.n_future", "*.frames", "*.samples", "*.clips", "*.chunk", "*.window", "*.time_stride",
       "*.shot_stride", "*.max_shots", "*.fvd_frames", "*.tau", "*.tau_d", "*.ngf", "*.ndf", "*.num_d",
       "*.n_layers_d", "*.d_layers", "*.dilation", "*.stride", "*.lstm_width", "*.h_channels",
-      "*.z_channels", "*.posterior_layers", "*.predictor_layers", "*.latent_classes", "*.z_pool", "*.val_clips",
+      "*.z_channels", "*.posterior_layers", "*.predictor_layers", "*.prior_components", "*.z_pool", "*.val_clips",
       "*.val_frames", "*.val_future", "*.sample_clips", "*.sample_frames", "*.sample_future", "*.frames_start",
       "*.frames_max", "*.double_every", "*.video_scale", "rollout.batch"), ">= 1"),
 ]
@@ -568,13 +568,35 @@ def barrier() -> None:
 
 # ----------------------------------------------------------------------------- precision
 
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16 among the CPU's flags (Linux /proc/cpuinfo); False where it cannot be read.
+    Without them bf16 is emulated and slower than fp32."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """run.precision=auto -> bf16 where the device computes it natively (a CUDA GPU with bf16 tensor cores;
+    a CPU with AVX512-BF16 or AMX), fp32 elsewhere. Other values pass through."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+
+
 def autocast(device: torch.device, precision: str):
-    """fp32 | bf16 | fp16 autocast; recurrent state stays fp32 inside the models by design."""
+    """fp32 | bf16 | fp16 | auto autocast; recurrent state stays fp32 inside the models by design."""
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if dtype is None:
-        raise ConfigError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+        raise ConfigError(f"run.precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     if dtype is torch.float16 and device.type != "cuda":
         raise ConfigError("precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     return torch.autocast(device_type=device.type, dtype=dtype)

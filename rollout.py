@@ -353,6 +353,7 @@ def roll_out(cfg, dist, meta, pipeline: Pipeline, clips: list, out_dir: Path) ->
         common.save_config(cfg, out_dir / "config.yaml")
     common.barrier()
     writer = RolloutWriter(out_dir, **writer_args)
+    common.log(f"rolling out on {pipeline.device} in {common.resolve_precision(cfg.run.precision, pipeline.device)}")
     per_group = max(1, r.batch // r.samples)
     groups = [list(range(i, min(i + per_group, len(clips)))) for i in range(0, len(clips), per_group)]
     my_groups = groups[dist.rank::dist.world_size]

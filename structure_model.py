@@ -9,9 +9,10 @@
 Variants (paper section 5): svg (the model above), lstm (no latent), cnn (no latent, no recurrence:
 the predictor's ConvLSTMs become plain convolutions), soft (the softmax, not the argmax one-hot, is fed
 back at inference), rgb (the same network on RGB frames in [-1, 1], tanh output, L2/L1 loss).
-Not in the paper, off by default (docs/design.md, "Opening the latent"): `latent=categorical`, z_t as
-groups of one-hot categories (DreamerV2) instead of a Gaussian, and `z_to_decoder`, z_t fed into every
-decoder block beside the skips, so that it reaches the resolution where births happen.
+Not in the paper, off by default (docs/design.md, "Opening the latent"): `latent=mixture`, a prior that
+mixes Gaussians per latent cell instead of one, `z_pool`, latent cells pooled over several LSTM cells, and
+`z_to_decoder`, z_t fed into every decoder block beside the skips, so that it reaches the resolution where
+births happen.
 
 Two ways to run it:
 - `forward(frames, n_past)`: teacher forcing over a whole clip (training, validation).
@@ -34,7 +35,7 @@ import kernels
 
 VARIANTS = ("svg", "lstm", "cnn", "soft", "rgb")
 SKIP_MODES = ("previous", "last_context")
-LATENTS = ("gaussian", "categorical", "mixture")
+LATENTS = ("gaussian", "mixture")
 STOCHASTIC = ("svg", "soft", "rgb")
 
 
@@ -178,7 +179,7 @@ class ConvStack(nn.Module):
 
 class LatentLSTM(nn.Module):
     """Posterior / prior (table C): ConvLSTM, then one 3x3 conv to the latent's statistics in fp32:
-    (mu, log-variance) of a Gaussian, 2 * z channels, or the logits of a categorical latent, z channels."""
+    (mu, log-variance) of a Gaussian, 2 * z channels, or the latent's own (MixturePriorLatent's prior)."""
 
     def __init__(self, in_channels: int, width: int, layers: int, stats_channels: int, pool: int = 1):
         super().__init__()
@@ -235,7 +236,7 @@ class MixturePriorLatent:
 
     def __init__(self, z_channels: int, components: int):
         if components < 2:
-            raise ValueError(f"structure.latent_classes={components} (mixture components) must be >= 2")
+            raise ValueError(f"structure.prior_components={components} must be >= 2")
         self.z_channels, self.components = z_channels, components
         self.posterior_channels = 2 * z_channels
         self.prior_channels = components * (2 * z_channels + 1)
@@ -264,49 +265,6 @@ class MixturePriorLatent:
         mu, logvar, log_weights = self.mixture(p)
         log_p = torch.logsumexp(log_weights + gaussian_log_density(z.unsqueeze(1), mu, logvar).sum(2), 1)
         return (log_q - log_p).flatten(1).sum(1)
-
-
-class CategoricalLatent:
-    """z_channels / classes categorical variables per latent cell, each a one-hot over `classes` (DreamerV2's
-    latent, Hafner et al. 2021): an event such as "a house enters this cell" is one category whose prior
-    probability the KL term learns directly, where a Gaussian prior must place it in a continuous space.
-    Sampled by Gumbel-max from the same N(0, 1) noise buffer as the Gaussian (through its CDF), with
-    straight-through gradients; the probabilities mix in `uniform` of the uniform distribution so that no
-    category's log-probability runs off to -inf (DreamerV3's unimix). Posterior and prior start on their
-    first category (logit +`start_logit`): z starts constant, not as noise that the decoder would learn to
-    ignore before the posterior has learnt to say anything (docs/opening_the_latent.md, run L)."""
-    uniform = 0.01
-    start_logit = 3.0
-
-    def __init__(self, z_channels: int, classes: int):
-        if classes < 2 or z_channels % classes:
-            raise ValueError(f"structure.latent_classes={classes} must be >= 2 and divide structure.z_channels={z_channels}")
-        self.z_channels, self.classes = z_channels, classes
-        self.posterior_channels = self.prior_channels = self.noise_channels = z_channels
-
-    def init_head(self, conv: nn.Conv2d) -> None:
-        with torch.no_grad():
-            conv.bias.view(-1, self.classes)[:, 0] += self.start_logit
-
-    def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        grouped = logits.unflatten(1, (-1, self.classes))                         # (B, groups, classes, h, w)
-        return (1 - self.uniform) * grouped.softmax(2) + self.uniform / self.classes
-
-    def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
-        return self.probs(logits).log()
-
-    def sample_posterior(self, logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        probs = self.probs(logits)
-        uniform = torch.special.ndtr(noise.to(probs.dtype)).clamp(1e-6, 1 - 1e-6).view_as(probs)
-        index = (probs.log() - torch.log(-torch.log(uniform))).argmax(2, keepdim=True)
-        onehot = torch.zeros_like(probs).scatter_(2, index, 1.0)
-        return (onehot + probs - probs.detach()).flatten(1, 2)
-
-    sample_prior = sample_posterior
-
-    def kl(self, q: torch.Tensor, p: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
-        log_q, log_p = self.log_probs(q), self.log_probs(p)
-        return (log_q.exp() * (log_q - log_p)).flatten(1).sum(1)
 
 
 # ----------------------------------------------------------------------------- rollout state
@@ -350,7 +308,7 @@ def _assign(buffers, values):
 class StructureModel(nn.Module):
     def __init__(self, *, variant: str, num_classes: int, size, blocks, h_channels: int, z_channels: int,
                  lstm_width: int, posterior_layers: int, predictor_layers: int, skip: str, latent: str = "gaussian",
-                 latent_classes: int = 8, z_to_decoder: bool = False, z_pool: int = 1):
+                 prior_components: int = 8, z_to_decoder: bool = False, z_pool: int = 1):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"structure.variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
@@ -373,17 +331,10 @@ class StructureModel(nn.Module):
         self.decoder = Decoder(h_channels, blocks, self.encoder.pooled, self.channels,
                                z_channels if self.z_to_decoder else 0)
         if self.stochastic:
-            if latent == "gaussian":
-                self.latent = GaussianLatent(z_channels)
-            elif latent == "categorical":
-                self.latent = CategoricalLatent(z_channels, latent_classes)
-            else:
-                self.latent = MixturePriorLatent(z_channels, latent_classes)
+            self.latent = (GaussianLatent(z_channels) if latent == "gaussian"
+                           else MixturePriorLatent(z_channels, prior_components))
             self.posterior = LatentLSTM(h_channels, lstm_width, posterior_layers, self.latent.posterior_channels, z_pool)
             self.prior = LatentLSTM(h_channels, lstm_width, posterior_layers, self.latent.prior_channels, z_pool)
-            if latent == "categorical":
-                self.latent.init_head(self.posterior.to_stats)
-                self.latent.init_head(self.prior.to_stats)
         predictor_in = h_channels + (z_channels if self.stochastic else 0)
         if variant == "cnn":
             self.predictor = ConvStack(predictor_in, lstm_width, predictor_layers)

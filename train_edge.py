@@ -373,7 +373,8 @@ def main(argv=None) -> dict:
     val_batch = fixed_batch(val_set, e.val_frames)
     n_params = sum(p.numel() for p in common.unwrap(generator).parameters())
     common.log(f"edge: {len(train_set)} train frames, {len(val_batch['label'])} val frames, generator "
-               f"{n_params / 1e6:.2f}M params, {dist.world_size} process(es) x batch {e.batch_size}, device {device}")
+               f"{n_params / 1e6:.2f}M params, {dist.world_size} process(es) x batch {e.batch_size}, device {device}, "
+               f"{common.resolve_precision(cfg.run.precision, device)}")
 
     def save(step):
         common.save_checkpoint(run_dir / "last.pt", step=step, cfg=cfg,

@@ -236,7 +236,8 @@ def main(argv=None):
     if dist.is_main:
         counts = {k: parameter_count(m) for k, m in modules.items()}
         common.log(f"image generator: {counts['generator']:,} parameters; image D {counts['image_d']:,}; "
-                   f"video D {counts['video_d']:,}; {dist.world_size} rank(s) on {device}; "
+                   f"video D {counts['video_d']:,}; {dist.world_size} rank(s) on {device}, "
+                   f"{common.resolve_precision(cfg.run.precision, device)}; "
                    f"perceptual loss {'on' if perceptual is not None else 'off'}")
     batches = make_loader(datasets["train"], ic.batch_size, cfg.run.seed, step, dist.rank, dist.world_size,
                           ic.flip, cfg.run.num_workers)

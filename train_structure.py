@@ -10,7 +10,7 @@ Objective (paper eq. 1) per training clip of T frames, teacher forced (true fram
 posterior): sum over t = 1..T-1 of NLL(s_t) (mean over pixels) + beta * KL(q(z_t) || p(z_t)) (summed over
 latent elements, mean over the batch). Ablations: structure.variant = lstm | cnn | soft | rgb.
 Optional, off by default (docs/design.md, "Opening the latent"): kl_warmup, free_nats, kl_balance (the KL
-term), born_weight and born_weight_decay (the NLL of born pixels), latent=categorical, z_to_decoder and
+term), born_weight and born_weight_decay (the NLL of born pixels), latent=mixture, z_to_decoder and
 z_pool (the model).
 Outputs in RUN_DIR/structure/: last.pt (+ last.yaml), samples/*.gif (context | prediction | truth),
 loss.png, log.txt. The model classes and the rollout step API live in structure_model.py.
@@ -35,7 +35,7 @@ from structure_model import RolloutState, StructureModel, paper_blocks, pool_cou
 # Keys that define the weights' shapes: a checkpoint trained with other values is refused.
 ARCH_KEYS = ["structure.variant", "structure.encoder_blocks", "structure.width_mult", "structure.lstm_width",
              "structure.lstm_mult", "structure.h_channels", "structure.z_channels", "structure.posterior_layers",
-             "structure.predictor_layers", "structure.latent", "structure.latent_classes", "structure.z_to_decoder",
+             "structure.predictor_layers", "structure.latent", "structure.prior_components", "structure.z_to_decoder",
              "structure.z_pool", "data.num_classes", "data.size"]
 
 
@@ -68,7 +68,7 @@ def build_model(cfg) -> StructureModel:
                               h_channels=s.h_channels, z_channels=s.z_channels,
                               lstm_width=max(1, round(s.lstm_width * s.lstm_mult)),
                               posterior_layers=s.posterior_layers, predictor_layers=s.predictor_layers, skip=s.skip,
-                              latent=s.latent, latent_classes=s.latent_classes, z_to_decoder=s.z_to_decoder, z_pool=s.z_pool)
+                              latent=s.latent, prior_components=s.prior_components, z_to_decoder=s.z_to_decoder, z_pool=s.z_pool)
     except ValueError as e:
         raise common.ConfigError(str(e)) from None
 
@@ -308,7 +308,8 @@ def main(argv=None) -> dict:
     else:  # each rank draws its own latent noise; weights are rank 0's (DDP broadcasts them)
         torch.manual_seed(cfg.run.seed * 1000 + dist.rank)
     common.log(f"structure generator ({s.variant}): {count_parameters(model):,} parameters, "
-               f"{len(train_set)} training clips, device {device}, {dist.world_size} rank(s)")
+               f"{len(train_set)} training clips, device {device}, {dist.world_size} rank(s), "
+               f"{common.resolve_precision(cfg.run.precision, device)}")
     trained = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
 
     loader = make_loader(train_set, s.batch_size // dist.world_size, cfg.run.seed, start_step, dist.rank,

@@ -120,3 +120,19 @@ def test_progress_bar_redraws_rarely_in_a_log():
     with common.progress(total=1, file=_Terminal()) as terminal_bar, common.progress(total=1, file=log) as log_bar:
         assert terminal_bar.mininterval == 0.1 and log_bar.mininterval == common.LOG_REDRAW_SECONDS
         assert log_bar.maxinterval == common.LOG_REDRAW_SECONDS
+
+
+def test_precision_auto_is_bf16_only_where_the_device_computes_it_natively(monkeypatch):
+    import contextlib
+
+    import torch
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: True)
+    assert common.resolve_precision("auto", cpu) == "bf16"
+    assert common.autocast(cpu, "auto").fast_dtype == torch.bfloat16
+    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: False)
+    assert common.resolve_precision("auto", cpu) == "fp32"
+    assert isinstance(common.autocast(cpu, "auto"), contextlib.nullcontext)
+    assert common.resolve_precision("bf16", cpu) == "bf16"          # an explicit choice is kept
+    with pytest.raises(common.ConfigError, match="run.precision must be auto, fp32, bf16 or fp16"):
+        common.autocast(cpu, "fp8")

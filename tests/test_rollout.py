@@ -8,7 +8,7 @@ import common
 import rollout
 from data.rollout_io import read_rollout
 
-TINY = ["data.size=[32, 32]", "data.num_classes=19", "structure.latent_classes=4", "structure.width_mult=0.0625", "structure.lstm_mult=0.0625", "structure.h_channels=8",
+TINY = ["data.size=[32, 32]", "data.num_classes=19", "structure.width_mult=0.0625", "structure.lstm_mult=0.0625", "structure.h_channels=8",
         "structure.z_channels=4", "image.ngf=4", "image.n_downsample=1", "image.n_blocks=2", "image.tau=2",
         "image.num_d=1", "image.ndf=4", "image.use_edges=true", "edge.enabled=true", "edge.width=0.0625",
         "edge.res_blocks=1", "structure.stride=1", "image.stride=1"]

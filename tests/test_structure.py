@@ -184,38 +184,6 @@ def test_kl_balance_always_trains_the_prior_and_floors_only_the_posterior_side()
         train_structure.check_config(tiny_cfg("structure.kl_balance=1.0"), 1)
 
 
-def test_categorical_latent_samples_one_hots_at_its_probabilities_with_exact_kl():
-    from structure_model import CategoricalLatent
-    latent = CategoricalLatent(8, 4)                        # two variables of 4 categories per cell
-    torch.manual_seed(0)
-    logits = torch.randn(2, 8, 3, 3, requires_grad=True)
-    z = latent.sample_posterior(logits, torch.randn(2, 8, 3, 3))
-    groups = z.detach().unflatten(1, (2, 4))
-    assert torch.allclose(groups.sum(2), torch.ones(2, 2, 3, 3)) and torch.allclose(groups, groups.round(), atol=1e-6)
-    (z * torch.randn_like(z)).sum().backward()              # straight-through: the probabilities get the gradient
-    assert logits.grad.abs().sum() > 0
-    # Gumbel-max over the N(0, 1) noise's CDF draws each category at its (unimix) probability
-    one = torch.tensor([2.0, 0.0, -1.0, 0.5]).view(1, 4, 1, 1)
-    draws = latent.sample_posterior(one.repeat(1, 2, 1, 1).expand(20000, 8, 1, 1), torch.randn(20000, 8, 1, 1))
-    expected = 0.99 * one.view(4).softmax(0) + 0.01 / 4
-    assert torch.allclose(draws.unflatten(1, (2, 4)).mean((0, 1)).view(4), expected, atol=0.015)
-    q, p = torch.randn(2, 8, 3, 3), torch.randn(2, 8, 3, 3)
-    log_q, log_p = latent.log_probs(q), latent.log_probs(p)
-    manual = (log_q.exp() * (log_q - log_p)).sum((1, 2, 3, 4))
-    assert torch.allclose(latent.kl(q, p), manual) and (manual > 0).all()
-    assert torch.allclose(latent.kl(q, q), torch.zeros(2), atol=1e-6)
-    with pytest.raises(common.ConfigError, match="latent_classes"):
-        build_model(tiny_cfg("structure.latent=categorical", "structure.latent_classes=3"))
-    model = build_model(tiny_cfg("structure.latent=categorical", "structure.latent_classes=4")).eval()
-    # both start on category 0: z is nearly constant before training, not noise
-    for head in (model.posterior, model.prior):
-        stats, _ = head(torch.randn(2, model.h_channels, 8, 8), head.lstm.zero_state(2, 8, 8, "cpu"))
-        assert model.latent.log_probs(stats).exp()[:, :, 0].mean() > 0.6
-    context = random_labels(2, 3, 32, 32)
-    first = model.generate(context, 6, samples=2, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(first, model.generate(context, 6, samples=2, generator=torch.Generator().manual_seed(0)))
-
-
 def test_mixture_prior_latent_samples_its_components_and_estimates_the_kl_without_bias():
     from structure_model import MixturePriorLatent, gaussian_kl
     latent = MixturePriorLatent(3, 4)                       # z of 3 channels; a prior of 4 Gaussians per cell
@@ -236,9 +204,9 @@ def test_mixture_prior_latent_samples_its_components_and_estimates_the_kl_withou
     picked = (latent.sample_prior(prior, torch.randn(40000, 4, 1, 1)) / 10).round().long()
     assert (picked == picked[:, :1]).all()                 # every channel of a cell from the same component
     assert torch.allclose(torch.bincount(picked[:, 0].flatten(), minlength=4) / 40000.0, weights.softmax(0), atol=0.01)
-    with pytest.raises(common.ConfigError, match="latent_classes"):
-        build_model(tiny_cfg("structure.latent=mixture", "structure.latent_classes=1"))
-    model = build_model(tiny_cfg("structure.latent=mixture", "structure.latent_classes=4", "structure.z_pool=2")).eval()
+    with pytest.raises(common.ConfigError, match="prior_components"):
+        build_model(tiny_cfg("structure.latent=mixture", "structure.prior_components=1"))
+    model = build_model(tiny_cfg("structure.latent=mixture", "structure.prior_components=4", "structure.z_pool=2")).eval()
     assert model.prior.to_stats.out_channels == 4 * (2 * model.z_channels + 1)
     out = model(random_labels(2, 5, 32, 32), 2, generator=torch.Generator().manual_seed(0))
     assert out["kl"].shape == (2, 4) and torch.isfinite(out["kl"]).all()
@@ -261,10 +229,10 @@ def test_z_to_decoder_feeds_z_into_every_decoder_block():
 
 
 def test_z_pool_draws_one_latent_cell_per_pooled_block():
-    model = build_model(tiny_cfg("structure.latent=categorical", "structure.latent_classes=4", "structure.z_pool=4",
+    model = build_model(tiny_cfg("structure.latent=mixture", "structure.prior_components=4", "structure.z_pool=4",
                                  "structure.z_to_decoder=true")).eval()
     assert model.latent_size == (8, 8) and model.z_size == (2, 2)
-    stats, _ = model.prior(torch.randn(2, model.h_channels, 8, 8), model.prior.lstm.zero_state(2, 8, 8, "cpu"))
+    stats, _ = model.posterior(torch.randn(2, model.h_channels, 8, 8), model.posterior.lstm.zero_state(2, 8, 8, "cpu"))
     assert stats.shape[-2:] == (2, 2)
     frames = random_labels(2, 5, 32, 32)
     out = model(frames, 2, generator=torch.Generator().manual_seed(0))
