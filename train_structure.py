@@ -9,15 +9,13 @@
 Objective (paper eq. 1) per training clip of T frames, teacher forced (true frames in, z from the
 posterior): sum over t = 1..T-1 of NLL(s_t) (mean over pixels) + beta * KL(q(z_t) || p(z_t)) (summed over
 latent elements, mean over the batch). Ablations: structure.variant = lstm | cnn | soft | rgb.
-Optional, off by default (docs/design.md, "Opening the latent"): kl_warmup, free_nats, kl_balance (the KL
-term), born_weight and born_weight_decay (the NLL of born pixels), latent=mixture, z_to_decoder and
-z_pool (the model).
+Optional, off by default (docs/design.md, "Opening the latent"): kl_balance (the KL term), born_weight and
+born_weight_decay (the NLL of born pixels), latent=mixture, z_to_decoder and z_pool (the model).
 Outputs in RUN_DIR/structure/: last.pt (+ last.yaml), samples/*.gif (context | prediction | truth),
 loss.png, log.txt. The model classes and the rollout step API live in structure_model.py.
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -96,15 +94,6 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 # ----------------------------------------------------------------------------- loss and metrics
 
-def kl_weight(cfg, step: int | None) -> float:
-    """beta, ramped linearly from 0 over the first structure.kl_warmup steps when that is set (0: constant
-    beta, the paper's choice; a warm-up keeps the latent from collapsing in very short CPU runs)."""
-    s = cfg.structure
-    if step is None or s.kl_warmup <= 0:
-        return s.beta
-    return s.beta * min(1.0, step / s.kl_warmup)
-
-
 def budget_used(cfg, step: int, seconds: float, clock_fraction: float, device) -> tuple[float, float]:
     """The fraction of the training budget used: of structure.iterations, or of structure.max_minutes (the
     wall time of this process) when that is set and runs out sooner. The clock is read every log_every
@@ -117,19 +106,9 @@ def budget_used(cfg, step: int, seconds: float, clock_fraction: float, device) -
     return max(step / max(1, s.iterations), clock_fraction), clock_fraction
 
 
-def learning_rate(cfg, used: float) -> float:
-    """structure.lr, constant or cosine-decayed to lr * lr_min over the budget (a short run ends on
-    settled weights instead of the last noisy high-rate step)."""
-    s = cfg.structure
-    if s.lr_schedule == "constant":
-        return s.lr
-    return s.lr * (s.lr_min + (1 - s.lr_min) * 0.5 * (1 + math.cos(math.pi * min(1.0, used))))
-
-
 def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ignore_index: int,
-              step: int | None = None, born_weight: float = 0.0) -> dict:
-    """Sum over steps of (per-step reconstruction + beta * KL); also the per-step means for logging. `step`
-    (training) applies the KL warm-up; without it the full beta is used (validation). `born_weight` w
+              born_weight: float = 0.0) -> dict:
+    """Sum over steps of (per-step reconstruction + beta * KL); also the per-step means for logging. `born_weight` w
     weighs the NLL of pixels born in the target frame (evaluate.born_pixels) by 1 + w (docs/design.md,
     "Opening the latent"); validation uses w = 0, the model's true likelihood."""
     s = cfg.structure
@@ -149,14 +128,11 @@ def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ig
         recon = nll.flatten(1).sum(1).view(out.shape[:2]).sum(0) / per_step_count  # (T-1,)
     kl = result["kl"].mean(0)                                                  # (T-1,)
 
-    def floor(kl_values):  # free nats: no KL pressure below the floor per frame, so z may carry that much
-        return kl_values.clamp_min(s.free_nats) if s.free_nats > 0 else kl_values
-
-    if s.kl_balance > 0:  # the prior always learns to match the posterior; only the posterior side is floored
-        penalised = (s.kl_balance * result["kl_prior"] + (1 - s.kl_balance) * floor(result["kl_posterior"])).mean(0)
+    if s.kl_balance > 0:  # the prior learns to match the posterior faster than it pulls the posterior back
+        penalised = (s.kl_balance * result["kl_prior"] + (1 - s.kl_balance) * result["kl_posterior"]).mean(0)
     else:
-        penalised = floor(result["kl"]).mean(0)
-    loss = recon.sum() + kl_weight(cfg, step) * penalised.sum()
+        penalised = kl
+    loss = recon.sum() + s.beta * penalised.sum()
     return {"loss": loss, "nll": recon.detach().mean(), "kl": kl.detach().mean()}
 
 
@@ -260,8 +236,7 @@ def write_samples(model: StructureModel, batch: torch.Tensor, cfg, meta: dict, p
 def check_config(cfg, world_size: int) -> None:
     s = cfg.structure
     # numeric ranges are checked when the config is loaded (common.check_ranges)
-    checks = [(s.lr_schedule in ("constant", "cosine"), f"structure.lr_schedule must be constant or cosine, got {s.lr_schedule!r}"),
-              (s.rgb_loss in ("l1", "l2"), f"structure.rgb_loss must be l1 or l2, got {s.rgb_loss!r}"),
+    checks = [(s.rgb_loss in ("l1", "l2"), f"structure.rgb_loss must be l1 or l2, got {s.rgb_loss!r}"),
               (s.sample_format in ("gif", "mp4"), f"structure.sample_format must be gif or mp4, got {s.sample_format!r}"),
               (len(s.adam_betas) == 2, f"structure.adam_betas must be [beta1, beta2], got {s.adam_betas!r}"),
               (s.batch_size >= world_size and s.batch_size % world_size == 0,
@@ -346,16 +321,14 @@ def main(argv=None) -> dict:
     bar = common.progress(total=s.iterations, initial=start_step, disable=not dist.is_main, desc="structure")
     with common.StopSignal() as stop:
         while step < s.iterations:
-            if s.lr_schedule != "constant" or s.born_weight_decay:  # only these read the budget (and the clock)
+            if s.born_weight_decay:  # the only reader of the budget (and the clock)
                 used, clock_fraction = budget_used(cfg, step, time.time() - loop_start, clock_fraction, device)
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(cfg, used)
             # decayed to 0 over the budget, the weight opens the latent early and leaves a calibrated decoder
             born_weight = s.born_weight * ((1 - used) if s.born_weight_decay else 1.0)
             frames = next(loader)[modality].to(device, non_blocking=True)
             with common.autocast(device, cfg.run.precision):
                 result = trained(frames, s.n_past)
-            losses = clip_loss(model, result, frames, cfg, ignore_index, step, born_weight)
+            losses = clip_loss(model, result, frames, cfg, ignore_index, born_weight)
             optimizer.zero_grad(set_to_none=True)
             if common.loss_is_finite(losses["loss"], step, cfg.run.on_nonfinite):
                 scaler.scale(losses["loss"]).backward()
