@@ -508,6 +508,7 @@ def setup_distributed(device_preference: str = "auto") -> Dist:
     device = pick_device(device_preference, local_rank)
     if device.type == "cuda":  # with one rank too: Triton launches and CUDA-graph streams use the current device
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True   # every hot loop has static shapes: pick the fastest algorithms once
     if world_size > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

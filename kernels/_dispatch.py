@@ -9,9 +9,9 @@ HVP_KERNEL_BACKEND, and the default "auto".
             broken, a CPU tensor without TRITON_INTERPRET=1, a GPU older than compute capability 8.0,
             float64 inputs).
 - "auto":   Triton on CUDA devices of compute capability >= 8.0 and, under TRITON_INTERPRET=1, on
-            CPU; torch everywhere else. If a Triton launch fails under "auto" (a broken install
-            typically fails at the first compile, not at import) the failure is reported once as a
-            warning and the process continues on the torch path.
+            CPU; torch everywhere else. If a Triton launch, forward or backward, fails under "auto" (a
+            broken install typically fails at the first compile, not at import) the failure is reported
+            once as a warning and the process continues on the torch path.
 
 Kernel files import `triton` and `tl` from here. When triton cannot be imported they get stand-ins
 that let the `@triton.jit` definitions be evaluated (so every module imports) and raise a clear error
@@ -154,6 +154,29 @@ def triton_failed(op, err):
     _auto_failure = f"{type(err).__name__}: {err}"
     warnings.warn(f"{op}: Triton kernel failed ({_auto_failure}); kernel backend 'auto' falls back to "
                   f"torch for the rest of this process", RuntimeWarning, stacklevel=3)
+
+
+def reference_backward(op, err, reference, inputs, grads_out, needs):
+    """The gradients of `reference(*inputs)` for a backward whose Triton launch raised `err`: under "auto"
+    the failure is reported as for a forward launch and training continues on the torch path (the
+    reference is recomputed and differentiated); under "triton" the error is raised. `needs`: which
+    inputs want a gradient (ctx.needs_input_grad); grads_out: the incoming gradients, None for unused
+    outputs. Returns one gradient or None per input."""
+    triton_failed(op, err)
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_(bool(need)) if isinstance(x, torch.Tensor) and x.is_floating_point()
+                  else x for x, need in zip(inputs, needs)]
+        outputs = reference(*leaves)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        pairs = [(o, g) for o, g in zip(outputs, grads_out) if g is not None and o.requires_grad]
+        wanted = [i for i, (x, need) in enumerate(zip(leaves, needs)) if need and isinstance(x, torch.Tensor)
+                  and x.requires_grad]
+        grads = torch.autograd.grad([o for o, _ in pairs], [leaves[i] for i in wanted], [g for _, g in pairs],
+                                    allow_unused=True) if pairs and wanted else [None] * len(wanted)
+    result = [None] * len(inputs)
+    for i, grad in zip(wanted, grads):
+        result[i] = grad
+    return tuple(result)
 
 
 def check_tensor(op, name, tensor, ndim, dtypes=FLOAT_DTYPES):

@@ -174,8 +174,11 @@ class ConvLSTMCellFunction(torch.autograd.Function):
         gates, c_prev = ctx.saved_tensors
         if dh is None and dc is None:
             return None, None
-        dgates, dc_prev = _backward(gates, c_prev, dh, dc, need_dc_prev=ctx.needs_input_grad[1])
-        return dgates, dc_prev
+        try:
+            return _backward(gates, c_prev, dh, dc, need_dc_prev=ctx.needs_input_grad[1])
+        except Exception as err:
+            return _dispatch.reference_backward("convlstm_cell", err, convlstm_cell_reference, (gates, c_prev),
+                                                (dh, dc), ctx.needs_input_grad)
 
 
 # ----------------------------------------------------------------------------- public function

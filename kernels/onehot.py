@@ -198,7 +198,7 @@ class OneHotConv3x3Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, index, weight, bias, memory_format):
         ctx.save_for_backward(index)
-        ctx.weight_shape, ctx.weight_dtype = tuple(weight.shape), weight.dtype
+        ctx.weight_shape, ctx.weight_dtype, ctx.memory_format = tuple(weight.shape), weight.dtype, memory_format
         ctx.bias_dtype = None if bias is None else bias.dtype
         return _onehot_conv3x3_forward(index, weight, bias, memory_format)
 
@@ -207,7 +207,13 @@ class OneHotConv3x3Function(torch.autograd.Function):
         (index,) = ctx.saved_tensors
         grad_weight = grad_bias = None
         if ctx.needs_input_grad[1]:
-            grad_weight = _onehot_conv3x3_weight_grad(index, grad_out, ctx.weight_shape)
+            try:
+                grad_weight = _onehot_conv3x3_weight_grad(index, grad_out, ctx.weight_shape)
+            except Exception as err:
+                weight = torch.zeros(ctx.weight_shape, dtype=ctx.weight_dtype, device=grad_out.device)
+                grad_weight = _dispatch.reference_backward(
+                    "onehot_conv3x3", err, onehot_conv3x3_reference, (index, weight, None, ctx.memory_format),
+                    (grad_out,), (False, True, False, False))[1]
             grad_weight = grad_weight.to(ctx.weight_dtype).contiguous()
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum(dim=(0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)

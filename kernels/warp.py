@@ -241,8 +241,15 @@ class WarpBlendFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         prev, flow, mask, hallucinated = ctx.saved_tensors
         need = ctx.needs_input_grad
-        d_prev, d_flow, d_mask, d_hall = _backward(prev, flow, mask, hallucinated, grad_out,
-                                                   need_prev=need[0], need_hall=need[3])
+        try:
+            d_prev, d_flow, d_mask, d_hall = _backward(prev, flow, mask, hallucinated, grad_out,
+                                                       need_prev=need[0], need_hall=need[3])
+        except Exception as err:
+            if mask is None:
+                return _dispatch.reference_backward("warp", err, warp_reference, (prev, flow), (grad_out,),
+                                                    need[:2]) + (None, None)
+            return _dispatch.reference_backward("warp_blend", err, warp_blend_reference,
+                                                (prev, flow, mask, hallucinated), (grad_out,), need)
         return d_prev, (d_flow if need[1] else None), (d_mask if need[2] else None), d_hall
 
 

@@ -81,6 +81,48 @@ def test_auto_uses_triton_and_falls_back_with_a_warning_when_a_launch_fails(monk
         kernels.convlstm_cell(gates, c_prev)  # a forced backend never hides the failure
 
 
+def _failing_backward_cases():
+    import importlib
+    onehot, warp = importlib.import_module("kernels.onehot"), importlib.import_module("kernels.warp")  # the modules
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator).to(DEVICE).requires_grad_()
+
+    index = torch.randint(0, 6, (2, 5, 5), generator=generator, dtype=torch.uint8).to(DEVICE)
+    return [
+        ("convlstm_cell", convlstm, "_backward", [rand(2, 8, 5, 5), rand(2, 2, 5, 5)],
+         lambda gates, c: sum(kernels.convlstm_cell(gates, c)), lambda gates, c: sum(kernels.convlstm_cell_reference(gates, c))),
+        ("warp", warp, "_backward", [rand(2, 3, 5, 5), rand(2, 2, 5, 5)],
+         kernels.warp, kernels.warp_reference),
+        ("warp_blend", warp, "_backward", [rand(2, 3, 5, 5), rand(2, 2, 5, 5), rand(2, 1, 5, 5).sigmoid().detach().requires_grad_(),
+                                           rand(2, 3, 5, 5)],
+         kernels.warp_blend, kernels.warp_blend_reference),
+        ("onehot_conv3x3", onehot, "_onehot_conv3x3_weight_grad", [rand(4, 6, 3, 3), rand(4)],
+         lambda w, b: kernels.onehot_conv3x3(index, w, b), lambda w, b: kernels.onehot_conv3x3_reference(index, w, b)),
+    ]
+
+
+@pytest.mark.skipif(not triton_usable, reason="needs Triton (a GPU, or the interpreter on CPU)")
+@pytest.mark.parametrize("case", range(4))
+def test_a_failing_backward_launch_falls_back_to_the_reference_gradients_under_auto(monkeypatch, case):
+    """A Triton backward that raises: under "auto" the gradients are the torch reference's (tolerance 1e-5),
+    with the fallback warning; under "triton" the error is raised."""
+    op, module, launcher, inputs, fused, reference = _failing_backward_cases()[case]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated backward compiler failure")
+    monkeypatch.setattr(module, launcher, broken)
+    expected = torch.autograd.grad(reference(*inputs).square().sum(), inputs)
+    with pytest.warns(RuntimeWarning, match=f"{op}: Triton kernel failed.*simulated backward"):
+        got = torch.autograd.grad(fused(*inputs).square().sum(), inputs)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(_dispatch, "_auto_failure", None)
+    with kernels.using_backend("triton"), pytest.raises(RuntimeError, match="simulated backward"):
+        torch.autograd.grad(fused(*inputs).square().sum(), inputs)
+
+
 def run_python(code, **env):
     full_env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", _dispatch.ENV_VAR)}
     full_env.update(env, PYTHONPATH=str(ROOT))
