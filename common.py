@@ -525,10 +525,6 @@ def cleanup_distributed(failed: bool = False) -> None:
         torch.distributed.destroy_process_group()
 
 
-def dist_info() -> Dist:
-    return _DIST
-
-
 def log(*parts) -> None:
     """Print on rank 0 only, without breaking tqdm bars."""
     if _DIST.is_main:
@@ -928,6 +924,11 @@ def main_guard(fn):
         log(f"stopped by a signal; exit code {EXIT_STOPPED} (resume with the same command and --resume)")
         raise SystemExit(EXIT_STOPPED)
     return result
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    """Parameters of a model (of the model inside a DDP wrapper)."""
+    return sum(p.numel() for p in unwrap(module).parameters())
 
 
 def assert_ranks_identical(module: torch.nn.Module, what: str = "parameters") -> None:

@@ -371,7 +371,7 @@ def main(argv=None) -> dict:
     loader = make_loader(train_set, e.batch_size, cfg.run.seed, start_step, dist.rank, dist.world_size,
                          flip=e.flip, num_workers=cfg.run.num_workers)
     val_batch = fixed_batch(val_set, e.val_frames)
-    n_params = sum(p.numel() for p in common.unwrap(generator).parameters())
+    n_params = common.count_parameters(generator)
     common.log(f"edge: {len(train_set)} train frames, {len(val_batch['label'])} val frames, generator "
                f"{n_params / 1e6:.2f}M params, {dist.world_size} process(es) x batch {e.batch_size}, device {device}, "
                f"{common.resolve_precision(cfg.run.precision, device)}")

@@ -91,10 +91,6 @@ def load_generator(path, device="cpu") -> tuple[ImageGenerator, common.Config]:
     return generator.to(device).eval(), cfg
 
 
-def parameter_count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 # ----------------------------------------------------------------------------- data
 
 def clip_frames(ic, step: int) -> int:
@@ -234,7 +230,7 @@ def main(argv=None):
         generator_ddp, image_d_ddp, video_d_ddp = generator, image_d, list(video_d)
 
     if dist.is_main:
-        counts = {k: parameter_count(m) for k, m in modules.items()}
+        counts = {k: common.count_parameters(m) for k, m in modules.items()}
         common.log(f"image generator: {counts['generator']:,} parameters; image D {counts['image_d']:,}; "
                    f"video D {counts['video_d']:,}; {dist.world_size} rank(s) on {device}, "
                    f"{common.resolve_precision(cfg.run.precision, device)}; "

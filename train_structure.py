@@ -88,10 +88,6 @@ def load_model(path, cfg=None, device="cpu") -> StructureModel:
     return model.to(device).eval()
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 # ----------------------------------------------------------------------------- loss and metrics
 
 def budget_used(cfg, step: int, seconds: float, clock_fraction: float, device) -> tuple[float, float]:
@@ -282,7 +278,7 @@ def main(argv=None) -> dict:
         common.log(f"resumed from {checkpoint} at step {start_step}")
     else:  # each rank draws its own latent noise; weights are rank 0's (DDP broadcasts them)
         torch.manual_seed(cfg.run.seed * 1000 + dist.rank)
-    common.log(f"structure generator ({s.variant}): {count_parameters(model):,} parameters, "
+    common.log(f"structure generator ({s.variant}): {common.count_parameters(model):,} parameters, "
                f"{len(train_set)} training clips, device {device}, {dist.world_size} rank(s), "
                f"{common.resolve_precision(cfg.run.precision, device)}")
     trained = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model

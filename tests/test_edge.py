@@ -149,7 +149,7 @@ def paper_generator_params(num_classes, c1=64, c2=128, c3=256, blocks=8):
 def test_paper_configs_build(name, classes):
     cfg = common.load_config(name)
     generator = train_edge.build_model(cfg)
-    assert sum(p.numel() for p in generator.parameters()) == paper_generator_params(classes)
+    assert common.count_parameters(generator) == paper_generator_params(classes)
     discriminator = train_edge.build_discriminator(cfg)
     assert discriminator.blocks[0][0].in_channels == classes + 1
     assert [b[0].out_channels for b in discriminator.blocks[:-1]] == [64, 128, 256, 512]

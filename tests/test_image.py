@@ -79,7 +79,7 @@ def test_shapes_and_paper_configs():
         assert model.label_encoder[1].in_channels == (tau + 1) * label_channels
         assert image_d.scales[0].layers[0][0].in_channels == label_channels + 3
         assert len(video_d) == cfg.image.temporal_scales
-        assert train_image.parameter_count(model) > 1_000_000
+        assert common.count_parameters(model) > 1_000_000
     bad = common.load_config("synth_drive", ["image.gan_mode=wgan"])
     with pytest.raises(common.ConfigError, match="gan_mode"):
         train_image.check_config(bad)

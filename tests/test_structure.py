@@ -16,7 +16,7 @@ from PIL import Image
 import common
 import kernels
 import train_structure
-from train_structure import build_model, count_parameters, load_model
+from train_structure import build_model, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--run.kernel_backend=torch", "--structure.width_mult=0.125", "--structure.lstm_mult=0.125",
@@ -59,7 +59,7 @@ def test_paper_parameter_counts_and_shapes():
     for name in ("kitti64", "kitti128", "kitti256", "cityscapes128x256", "dance64", "dance128"):
         cfg = common.load_config(f"{name}.yaml")
         model = build_model(cfg)
-        counts[name] = count_parameters(model)
+        counts[name] = common.count_parameters(model)
         height, width = cfg.data.size
         # h_t and z_t are 128 x 8 x 8 (8 x 16 for 128x256) whatever the resolution; skips per block
         assert model.latent_size == ((8, 16) if name.startswith("cityscapes") else (8, 8))
