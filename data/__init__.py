@@ -15,9 +15,12 @@ def ensure_dataset(cfg) -> dict:
             raise DatasetError(f"{root}: no dataset there (data.synth=none; prepare it with python -m data.prepare)")
         from data.synthetic import write_dataset
         height, width = cfg.data.size
-        write_dataset(cfg.data.synth, root, sequences=cfg.data.synth_sequences, frames=cfg.data.synth_frames,
-                      size=(height, width), seed=cfg.data.synth_seed, val=cfg.data.synth_val, test=cfg.data.synth_test,
-                      workers=cfg.data.synth_workers)
+        try:
+            write_dataset(cfg.data.synth, root, sequences=cfg.data.synth_sequences, frames=cfg.data.synth_frames,
+                          size=(height, width), seed=cfg.data.synth_seed, val=cfg.data.synth_val,
+                          test=cfg.data.synth_test, workers=cfg.data.synth_workers)
+        except ValueError as e:  # a folder that is not HVP's, or one generated with other arguments
+            raise DatasetError(f"data.root={root}: {e}") from None
     meta = read_meta(root)
     if meta["num_classes"] != cfg.data.num_classes:
         raise DatasetError(f"{root / 'meta.yaml'}: num_classes is {meta['num_classes']} but the config's "

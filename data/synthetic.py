@@ -160,6 +160,10 @@ def write_dataset(kind: str, out, sequences: int, frames: int, size, seed: int =
             "size": [height, width], "generator": generator}
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
+    # only into a new (or empty) folder or one this function made: never over, or beside, a user's files
+    if not (root / ".generator.yaml").is_file() and any(root.iterdir()):
+        raise ValueError(f"{root} exists and holds files that data.synthetic did not write (no .generator.yaml): "
+                         f"synthetic data is generated only into a new folder; give another one (--out, data.root)")
     # the arguments of this run; a run with other arguments must not mix into the same folder
     for name in (".generator.yaml", "meta.yaml"):
         path = root / name

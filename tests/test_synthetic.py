@@ -238,6 +238,29 @@ def test_cli_writes_layout_and_rerun_skips(tmp_path, capsys):
     assert str(root) in capsys.readouterr().err
 
 
+def test_generates_only_into_a_new_folder_or_its_own(tmp_path):
+    """A folder of the user's (here a sequence and a notes file, no meta.yaml) is never generated into: the
+    scripts stop with one line naming data.root, and every file stays as it was. An empty folder is fine."""
+    import common
+    import data
+    from data.layout import DatasetError
+    tiny = ["data.synth=scroll", "data.size=[32, 32]", "data.num_classes=9", "data.synth_sequences=1",
+            "data.synth_frames=4", "data.synth_val=1", "data.synth_test=1", "data.synth_workers=1"]
+    user = tmp_path / "mine"
+    (user / "train" / "seq_0000" / "label").mkdir(parents=True)
+    (user / "train" / "seq_0000" / "label" / "000000.png").write_bytes(b"the user's frame")
+    (user / "notes.txt").write_text("do not delete")
+    before = _snapshot(user)
+    with pytest.raises(DatasetError, match=f"data.root={user}: .*did not write"):
+        data.ensure_dataset(common.load_config(None, [f"data.root={user}", *tiny]))
+    assert _snapshot(user) == before and not (user / "meta.yaml").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = common.load_config(None, [f"data.root={empty}", *tiny])
+    assert data.ensure_dataset(cfg)["num_classes"] == 9
+    assert data.ensure_dataset(cfg)["num_classes"] == 9      # and a rerun into its own folder
+
+
 def test_sequences_do_not_depend_on_how_many_are_generated(tmp_path):
     small = write_dataset("dance", tmp_path / "a", sequences=1, frames=3, size=16, seed=4, val=0, test=1, progress=False)
     large = write_dataset("dance", tmp_path / "b", sequences=3, frames=3, size=16, seed=4, val=1, test=1, progress=False)
