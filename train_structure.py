@@ -104,9 +104,9 @@ def budget_used(cfg, step: int, seconds: float, clock_fraction: float, device) -
 
 def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ignore_index: int,
               born_weight: float = 0.0) -> dict:
-    """Sum over steps of (per-step reconstruction + beta * KL); also the per-step means for logging. `born_weight` w
-    weighs the NLL of pixels born in the target frame (evaluate.born_pixels) by 1 + w (docs/design.md,
-    "Opening the latent"); validation uses w = 0, the model's true likelihood."""
+    """Sum over steps of (per-step reconstruction + beta * KL); also the per-step means for logging.
+    `born_weight` w weighs the NLL of pixels born in the target frame (evaluate.born_pixels) by 1 + w
+    (docs/design.md, "Opening the latent"); validation uses w = 0, the model's true likelihood."""
     s = cfg.structure
     out, targets = result["out"], frames[:, 1:]
     if model.variant == "rgb":
