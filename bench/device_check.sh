@@ -29,7 +29,8 @@ VAL_EVERY=${VAL_EVERY:-2000}
 RUN_DIR=${RUN_DIR:-runs/device_check_structure}
 CONFIG=${CONFIG:-synth_scroll.yaml}
 recipe=()
-[ "${PAPER:-0}" = 1 ] && recipe=(--structure.latent=gaussian --structure.z_to_decoder=false --structure.kl_balance=0)
+[ "${PAPER:-0}" = 1 ] && recipe=(--structure.latent=gaussian --structure.z_to_decoder=false --structure.kl_balance=0
+                                   --structure.born_weight=0 --structure.born_weight_decay=false --structure.z_pool=1)
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
 mkdir -p "$OUT"
 status=0
