@@ -280,13 +280,14 @@ class RolloutState:
         self.skips = None          # decoder skips
         self.lstm = {}             # name -> [(h, c), ...]
         self.noise = None          # the latent's N(0, 1) noise, refilled in place from the generator
+        self.frame = None          # the last frame (uint8 labels), for a model that encodes each frame with it
 
     @property
     def rows(self) -> int:
         return self.batch * self.samples
 
     def tensors(self) -> list[torch.Tensor]:
-        out = [self.code, *self.skips, self.noise]
+        out = [self.code, *self.skips, self.noise, self.frame]
         for layers in self.lstm.values():
             for h, c in layers:
                 out += [h, c]
@@ -308,7 +309,8 @@ def _assign(buffers, values):
 class StructureModel(nn.Module):
     def __init__(self, *, variant: str, num_classes: int, size, blocks, h_channels: int, z_channels: int,
                  lstm_width: int, posterior_layers: int, predictor_layers: int, skip: str, latent: str = "gaussian",
-                 prior_components: int = 8, z_to_decoder: bool = False, z_pool: int = 1):
+                 prior_components: int = 8, z_to_decoder: bool = False, z_pool: int = 1,
+                 previous_frame: bool = False):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"structure.variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
@@ -316,6 +318,9 @@ class StructureModel(nn.Module):
             raise ValueError(f"structure.skip must be one of {', '.join(SKIP_MODES)}, got {skip!r}")
         if latent not in LATENTS:
             raise ValueError(f"structure.latent must be one of {', '.join(LATENTS)}, got {latent!r}")
+        if previous_frame and variant not in ("svg", "lstm", "cnn"):
+            raise ValueError(f"structure.previous_frame needs argmax label feedback (svg, lstm, cnn), not {variant!r}")
+        self.previous_frame = previous_frame
         self.variant, self.num_classes, self.size, self.skip = variant, num_classes, tuple(size), skip
         self.stochastic = variant in STOCHASTIC
         self.channels = 3 if variant == "rgb" else num_classes
@@ -327,7 +332,7 @@ class StructureModel(nn.Module):
         self.z_size = (self.latent_size[0] // z_pool, self.latent_size[1] // z_pool)
         self.h_channels, self.z_channels = h_channels, z_channels
         self.z_to_decoder = z_to_decoder and self.stochastic
-        self.encoder = Encoder(self.channels, blocks, pools, h_channels)
+        self.encoder = Encoder(self.channels * (2 if previous_frame else 1), blocks, pools, h_channels)
         self.decoder = Decoder(h_channels, blocks, self.encoder.pooled, self.channels,
                                z_channels if self.z_to_decoder else 0)
         if self.stochastic:
@@ -345,14 +350,22 @@ class StructureModel(nn.Module):
 
     # ------------------------------------------------------------------ frames in and out
 
-    def encode_frames(self, frames: torch.Tensor):
+    def encode_frames(self, frames: torch.Tensor, previous: torch.Tensor | None = None):
         """Encoder on true frames: uint8 label indices (B, H, W) go through kernels.onehot_conv3x3 (the first
         conv as a gather, no one-hot; an index >= N such as 255 "void" is an all-zero pixel); uint8 RGB
-        (B, 3, H, W) is scaled to [-1, 1]. Returns h_t and the skips."""
+        (B, 3, H, W) is scaled to [-1, 1]. With structure.previous_frame the first conv also reads the frame
+        before (`previous`, the frame itself when None): the skips then show the last step's motion, and so
+        the phase of a motion slower than a pixel per frame. Returns h_t and the skips."""
         if self.variant == "rgb":
             return self.encoder((frames.float() / 127.5 - 1).contiguous(memory_format=self.memory_format))
         conv = self.encoder.first_conv
-        first = kernels.onehot_conv3x3(frames, conv.weight, conv.bias, memory_format=self.memory_format)
+        if not self.previous_frame:
+            first = kernels.onehot_conv3x3(frames, conv.weight, conv.bias, memory_format=self.memory_format)
+            return self.encoder(None, first_conv_out=first)
+        n = self.channels
+        previous = frames if previous is None else previous
+        first = (kernels.onehot_conv3x3(frames, conv.weight[:, :n].contiguous(), conv.bias, memory_format=self.memory_format)
+                 + kernels.onehot_conv3x3(previous, conv.weight[:, n:].contiguous(), None, memory_format=self.memory_format))
         return self.encoder(None, first_conv_out=first)
 
     def predict_g(self, code, z, state):
@@ -386,7 +399,8 @@ class StructureModel(nn.Module):
         uses z and of how well the prior matches the posterior). Returns out (B, T-1, C, H, W) log-probabilities (or RGB) and kl (B, T-1), zero
         without a latent, and kl_prior / kl_posterior, the same values with gradients to one side only."""
         batch, length = frames.shape[:2]
-        codes, skips = self.encode_frames(frames.flatten(0, 1))
+        previous = torch.cat([frames[:, :1], frames[:, :-1]], 1).flatten(0, 1) if self.previous_frame else None
+        codes, skips = self.encode_frames(frames.flatten(0, 1), previous)
         codes = codes.view(batch, length, *codes.shape[1:])
         skips = [s.view(batch, length, *s.shape[1:]) for s in skips]
         latent_h, latent_w = self.latent_size
@@ -437,10 +451,11 @@ class StructureModel(nn.Module):
         index, _ = kernels.argmax_onehot(raw, with_onehot=False)
         return index, None
 
-    def encode_input(self, frames: torch.Tensor | None = None, x: torch.Tensor | None = None):
-        """Encoder on uint8 frames (labels or RGB, as encode_frames) or on a float input x (softmax, RGB)."""
+    def encode_input(self, frames: torch.Tensor | None = None, x: torch.Tensor | None = None, previous=None):
+        """Encoder on uint8 frames (labels or RGB, as encode_frames, with the previous frame) or on a float
+        input x (softmax, RGB)."""
         if frames is not None:
-            return self.encode_frames(frames)
+            return self.encode_frames(frames, previous)
         return self.encoder(x.contiguous(memory_format=self.memory_format))
 
     # ------------------------------------------------------------------ step API (rollout)
@@ -473,6 +488,8 @@ class StructureModel(nn.Module):
         state.skips = [torch.zeros(rows, block[-1].out_channels, self.size[0] // 2**i, self.size[1] // 2**i,
                                    device=device).contiguous(memory_format=fmt)
                        for i, block in enumerate(self.encoder.blocks)]
+        if self.previous_frame:
+            state.frame = torch.zeros(rows, *self.size, dtype=torch.uint8, device=device)
         return state
 
     def _advance(self, state: RolloutState, z, generator):
@@ -492,10 +509,12 @@ class StructureModel(nn.Module):
 
     def _encode_into(self, state: RolloutState, frames=None, x=None, update_skips=True):
         """Encode true/argmax frames (uint8) or a float feedback x (softmax, RGB) into the state's code/skips."""
-        code, skips = self.encode_input(frames, x)
+        code, skips = self.encode_input(frames, x, state.frame)
         state.code.copy_(code)
         if update_skips:
             _assign(state.skips, skips)
+        if state.frame is not None:
+            state.frame.copy_(frames)
         return code
 
     def _rows(self, state: RolloutState, frame: torch.Tensor) -> torch.Tensor:
@@ -513,9 +532,11 @@ class StructureModel(nn.Module):
         the code and skip source for the next step."""
         frame = self._rows(state, frame)
         if state.observed == 0:
+            if state.frame is not None:  # the first frame is its own previous one, as in training
+                state.frame.copy_(frame)
             self._encode_into(state, frames=frame)
         else:
-            code, skips = self.encode_frames(frame)
+            code, skips = self.encode_frames(frame, state.frame)
             z = None
             if self.stochastic:
                 stats_q, post_new = self.posterior(code, state.lstm["posterior"])
@@ -526,6 +547,8 @@ class StructureModel(nn.Module):
             self._advance(state, z, generator)
             state.code.copy_(code)
             _assign(state.skips, skips)
+            if state.frame is not None:
+                state.frame.copy_(frame)
         state.observed += 1
         return state
 

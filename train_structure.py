@@ -34,7 +34,7 @@ from structure_model import RolloutState, StructureModel, paper_blocks, pool_cou
 ARCH_KEYS = ["structure.variant", "structure.encoder_blocks", "structure.width_mult", "structure.lstm_width",
              "structure.lstm_mult", "structure.h_channels", "structure.z_channels", "structure.posterior_layers",
              "structure.predictor_layers", "structure.latent", "structure.prior_components", "structure.z_to_decoder",
-             "structure.z_pool", "data.num_classes", "data.size"]
+             "structure.z_pool", "structure.previous_frame", "data.num_classes", "data.size"]
 
 
 # ----------------------------------------------------------------------------- model from config
@@ -66,7 +66,8 @@ def build_model(cfg) -> StructureModel:
                               h_channels=s.h_channels, z_channels=s.z_channels,
                               lstm_width=max(1, round(s.lstm_width * s.lstm_mult)),
                               posterior_layers=s.posterior_layers, predictor_layers=s.predictor_layers, skip=s.skip,
-                              latent=s.latent, prior_components=s.prior_components, z_to_decoder=s.z_to_decoder, z_pool=s.z_pool)
+                              latent=s.latent, prior_components=s.prior_components, z_to_decoder=s.z_to_decoder, z_pool=s.z_pool,
+                              previous_frame=s.previous_frame)
     except ValueError as e:
         raise common.ConfigError(str(e)) from None
 

@@ -308,6 +308,28 @@ def test_step_api_matches_teacher_forcing():
         assert torch.equal(first, teacher.to(torch.uint8))
 
 
+def test_previous_frame_encoding_matches_between_step_api_and_teacher_forcing():
+    """structure.previous_frame: the first conv reads each frame with the one before it. Two free-running
+    frames of a deterministic model equal the teacher-forced predictions of the same frames (the second
+    from the first generated one, encoded with the last context frame as its previous one)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("structure.variant=lstm", "structure.previous_frame=true")).eval()
+    assert model.encoder.first_conv.in_channels == 2 * model.num_classes
+    clip = random_labels(2, 6, 32, 32, seed=1)
+    generated = model.generate(clip[:, :4], 2)[:, 0]
+    with torch.no_grad():
+        first = model(clip, n_past=4)["out"][:, 3].argmax(1)
+        fed = torch.cat([clip[:, :4], generated[:, :1], clip[:, 5:]], 1)
+        second = model(fed, n_past=4)["out"][:, 4].argmax(1)
+    assert torch.equal(generated[:, 0], first.to(torch.uint8)) and torch.equal(generated[:, 1], second.to(torch.uint8))
+    # the previous frame matters: the same frame after another one encodes differently
+    code_a, _ = model.encode_frames(clip[:, 4], clip[:, 3])
+    code_b, _ = model.encode_frames(clip[:, 4], clip[:, 2])
+    assert not torch.equal(code_a, code_b)
+    with pytest.raises(common.ConfigError, match="previous_frame"):
+        build_model(tiny_cfg("structure.variant=soft", "structure.previous_frame=true"))
+
+
 def test_motion_teacher_is_the_teacher_forced_change_from_the_true_input_frame():
     model = build_model(tiny_cfg())
     batch = random_labels(2, 8, 32, 32, seed=5)
