@@ -576,14 +576,24 @@ def cpu_has_native_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_has_native_bf16(index: int) -> bool:
+    with torch.cuda.device(index):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """run.precision=auto -> bf16 where the device computes it natively (a CUDA GPU with bf16 tensor cores;
-    a CPU with AVX512-BF16 or AMX), fp32 elsewhere. Other values pass through."""
+    a CPU with AVX512-BF16 or AMX), fp32 elsewhere. Other values pass through. The device queries are
+    cached: autocast calls this on every training and rollout step."""
     if precision != "auto":
         return precision
+    device = torch.device(device)
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
-    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+        native = _cuda_has_native_bf16(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        native = device.type == "cpu" and cpu_has_native_bf16()
+    return "bf16" if native else "fp32"
 
 
 def autocast(device: torch.device, precision: str):

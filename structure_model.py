@@ -364,8 +364,8 @@ class StructureModel(nn.Module):
             return self.encoder(None, first_conv_out=first)
         n = self.channels
         previous = frames if previous is None else previous
-        first = (kernels.onehot_conv3x3(frames, conv.weight[:, :n].contiguous(), conv.bias, memory_format=self.memory_format)
-                 + kernels.onehot_conv3x3(previous, conv.weight[:, n:].contiguous(), None, memory_format=self.memory_format))
+        first = (kernels.onehot_conv3x3(frames, conv.weight[:, :n], conv.bias, memory_format=self.memory_format)
+                 + kernels.onehot_conv3x3(previous, conv.weight[:, n:], None, memory_format=self.memory_format))
         return self.encoder(None, first_conv_out=first)
 
     def predict_g(self, code, z, state):
@@ -509,7 +509,8 @@ class StructureModel(nn.Module):
 
     def _encode_into(self, state: RolloutState, frames=None, x=None, update_skips=True):
         """Encode true/argmax frames (uint8) or a float feedback x (softmax, RGB) into the state's code/skips."""
-        code, skips = self.encode_input(frames, x, state.frame)
+        # the first observed frame is its own previous one, as in training
+        code, skips = self.encode_input(frames, x, state.frame if state.observed else None)
         state.code.copy_(code)
         if update_skips:
             _assign(state.skips, skips)
@@ -532,8 +533,6 @@ class StructureModel(nn.Module):
         the code and skip source for the next step."""
         frame = self._rows(state, frame)
         if state.observed == 0:
-            if state.frame is not None:  # the first frame is its own previous one, as in training
-                state.frame.copy_(frame)
             self._encode_into(state, frames=frame)
         else:
             code, skips = self.encode_frames(frame, state.frame)

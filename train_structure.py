@@ -124,7 +124,6 @@ def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ig
         per_step_count = valid.flatten(1).sum(1).view(out.shape[:2]).sum(0).clamp_min(1)
         recon = nll.flatten(1).sum(1).view(out.shape[:2]).sum(0) / per_step_count  # (T-1,)
     kl = result["kl"].mean(0)                                                  # (T-1,)
-
     if s.kl_balance > 0:  # the prior learns to match the posterior faster than it pulls the posterior back
         penalised = (s.kl_balance * result["kl_prior"] + (1 - s.kl_balance) * result["kl_posterior"]).mean(0)
     else:
