@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import fcntl
 import fnmatch
 import functools
@@ -355,9 +356,11 @@ def atomic_write_bytes(path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:   # a failed write() names no file: name the target
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
 
@@ -370,6 +373,10 @@ def atomic_path(path):
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -913,12 +920,13 @@ def fail(message: str, code: int = 2):
     raise SystemExit(code)
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 EXIT_STOPPED = 75  # SIGINT/SIGTERM: stopped early after saving a checkpoint; --resume continues (EX_TEMPFAIL)
 
 
 def main_guard(fn):
     """Run a script's main(): the errors users cause (config, data, checkpoint, a busy folder) print one
-    line; a run stopped by a signal exits with EXIT_STOPPED once its checkpoint is saved, so schedulers
+    line, and so does a full disk; a run stopped by a signal exits with EXIT_STOPPED once its checkpoint is saved, so schedulers
     and scripts can tell it from a finished one (exit 0)."""
     from data.layout import DatasetError
     from data.rollout_io import RolloutError
@@ -928,6 +936,13 @@ def main_guard(fn):
         failed = False
     except (ConfigError, CheckpointError, DatasetError, RolloutError, NonFiniteLoss, FolderError) as e:
         fail(str(e))
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        fail(f"{e.filename or 'a file'}: {e.strerror or 'disk full'}. Nothing written before is damaged: every "
+             f"checkpoint, chunk and video is written under a temporary name and renamed only when complete, so the "
+             f"previous checkpoint and the finished rollout chunks are intact. Free space and rerun the same command "
+             f"(training: with --resume)")
     finally:
         cleanup_distributed(failed)
     if StopSignal.signalled:

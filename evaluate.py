@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import metric_nets
+from data.prepare import load_segmenter
 from data.rollout_io import RolloutError, read_rollout
 from metric_nets import I3D_MIN_FRAMES, WeightError
 
@@ -558,14 +559,13 @@ def short_term(reader, fvd_frames=16, fvd_context=True, segmenter=None, batch_si
                progress=False) -> dict:
     """Against the ground-truth future of each clip: per-frame CSIM / PSNR / SSIM / mIoU of the best of
     the N samples (each metric picks its own best sample per clip, by its mean over the horizon), and
-    FVD between all samples and the ground truth."""
+    FVD between all samples and the ground truth; mIoU of the RGB too with a `segmenter` (load_segmenter)."""
     has_rgb = "rgb" in reader.modalities and reader.has_truth("rgb")
     has_label = "label" in reader.modalities and reader.has_truth("label")
     if not (has_rgb or has_label):
         raise RolloutError(f"{reader.root}: no clip has ground truth (truth/rgb.npy or truth/label.npy); "
                            f"short-term metrics need a split with future frames")
     num_classes = reader.protocol["num_classes"]
-    seg_model = torch.jit.load(segmenter, map_location=_device(device)).eval() if segmenter else None
     best = {k: [] for k in ("csim", "psnr", "ssim")}
     label_conf, rgb_conf, real_videos, fake_features = [], [], [], []
     horizons = [min(reader.frames_done(), len(reader.truth(c, "rgb" if has_rgb else "label")))
@@ -588,8 +588,8 @@ def short_term(reader, fvd_frames=16, fvd_context=True, segmenter=None, batch_si
                 real_videos.append(np.concatenate([context, truth])[:fvd_length])
                 fakes = np.stack([np.concatenate([context, p])[:fvd_length] for p in preds])
                 fake_features.append(i3d_features(fakes, batch_size, device))
-            if seg_model is not None and has_label:
-                rgb_conf.append(_segmenter_confusions(seg_model, preds, reader.truth(c, "label")[:h], num_classes,
+            if segmenter is not None and has_label:
+                rgb_conf.append(_segmenter_confusions(segmenter, preds, reader.truth(c, "label")[:h], num_classes,
                                                       device))
         if has_label:
             truth = np.asarray(reader.truth(c, "label")[:h])
@@ -623,6 +623,9 @@ def _segmenter_confusions(model, preds, truth, num_classes, device):
     with torch.no_grad():
         for sample in preds:
             logits = model(torch.as_tensor(sample, device=device).permute(0, 3, 1, 2).float() / 255.0)
+            if logits.ndim != 4 or logits.shape[1] != num_classes or logits.shape[0] != len(sample):
+                raise RolloutError(f"--evaluate.segmenter returned logits of shape {tuple(logits.shape)} for "
+                                   f"{len(sample)} frames; expected ({len(sample)}, {num_classes}, H, W)")
             labels = logits.argmax(1).cpu().numpy()
             confs.append([confusion_matrix(labels[f], truth[f], num_classes) for f in range(len(truth))])
     confs = np.asarray(confs)
@@ -711,6 +714,8 @@ def run(cfg) -> dict:
                            f"{ev.window} (evaluate.window) of shot-wise FVD and the Inception-style score")
     if ev.classifier not in CLASSIFIERS:
         raise WeightError(f"evaluate.classifier={ev.classifier!r}; choose one of {', '.join(CLASSIFIERS)}")
+    # a bad segmenter file is refused before any work, not after the long-term metrics
+    segmenter = load_segmenter(ev.segmenter, device) if ev.segmenter and "short" in chosen else None
     dataset_root = ev.dataset_root or (reader.protocol["dataset_root"]
                                        if Path(reader.protocol["dataset_root"]).is_dir() else cfg.data.root)
     log(f"evaluating {rollout_dir} ({reader.num_clips} clips x {reader.num_samples} samples, "
@@ -742,7 +747,7 @@ def run(cfg) -> dict:
             f"{d['class_excess_late']:.2f}, classes lost {d['classes_lost_late'] or 'none'}; samples differ "
             f"{100 * d['sample_difference'][-1]:.1f}% at t = {d['t'][-1]}")
     if "short" in chosen:
-        metrics["short_term"] = short_term(reader, ev.fvd_frames, ev.fvd_context, ev.segmenter, ev.batch_size,
+        metrics["short_term"] = short_term(reader, ev.fvd_frames, ev.fvd_context, segmenter, ev.batch_size,
                                            device, True)
         s = metrics["short_term"]
         log("short-term: " + ", ".join(f"{k} {s[k]['mean']:.4f}" for k in ("csim", "miou", "psnr", "ssim") if k in s)

@@ -183,12 +183,17 @@ def load_sequence(seq_dir, modality: str, meta: dict | None = None) -> np.ndarra
         except (OSError, ValueError):
             pass  # a damaged cache is rebuilt below
     packed = _pack(paths, modality, meta)
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = common.temp_file(cache, suffix=".npy.tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, packed)
-    os.replace(tmp, packed_path)
-    key_path.write_text(json.dumps({"fingerprint": fingerprint, "shape": list(packed.shape)}))
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with common.atomic_path(packed_path) as tmp:
+            np.save(tmp, packed)
+        common.atomic_write_bytes(key_path, json.dumps({"fingerprint": fingerprint, "shape": list(packed.shape)}).encode())
+    except OSError as e:
+        if e.errno in common.DISK_FULL:
+            raise
+        where = "beside the data" if cache.parent == seq_dir else f"under HVP_CACHE ({cache.parent}), as {seq_dir} is read-only"
+        raise DatasetError(f"{cache}: cannot write the packed data cache {where}: {e.strerror}; "
+                           f"set HVP_CACHE to a writable folder") from None
     return np.load(packed_path, mmap_mode="r")
 
 

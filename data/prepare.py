@@ -92,6 +92,19 @@ def parse_size(text: str) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- label sources
 
+def load_segmenter(path, device="cpu"):
+    """A user's segmenter (RGB in [0, 1], (B, 3, H, W) -> logits (B, C, H, W)): a TorchScript file or a
+    torch.export archive (.pt2). Neither format runs pickled code; anything else is refused in one line."""
+    import torch
+    try:
+        if str(path).endswith(".pt2"):
+            return torch.export.load(path).module().to(device)
+        return torch.jit.load(path, map_location=device).eval()
+    except Exception as e:
+        raise DatasetError(f"{path}: not a loadable segmenter (TorchScript, or torch.export .pt2): "
+                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
 class LabelSource:
     """Label maps for source frames: a folder of segmenter outputs, or a TorchScript segmenter.
 
@@ -103,14 +116,7 @@ class LabelSource:
             raise DatasetError("give exactly one of --labels DIR (segmenter outputs) or --segmenter FILE (TorchScript)")
         self.num_classes, self.key_of, self.model, self.by_key = num_classes, key_of, None, {}
         if segmenter:
-            import torch
-            try:
-                if str(segmenter).endswith(".pt2"):  # torch.export archive
-                    self.model = torch.export.load(segmenter).module()
-                else:
-                    self.model = torch.jit.load(segmenter, map_location="cpu").eval()
-            except Exception as e:
-                raise DatasetError(f"{segmenter}: not a loadable TorchScript segmenter ({type(e).__name__}: {e})") from None
+            self.model = load_segmenter(segmenter)
             return
         root = Path(labels_dir)
         if not root.is_dir():

@@ -33,6 +33,29 @@ def test_checkpoint_is_atomic_and_saves_config(random_dataset, tmp_path):
     assert not list((tmp_path / "r").glob("*.tmp")) and [p.name for p in (tmp_path / "r").glob(".*")] == [".lock"]
 
 
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(random_dataset, tmp_path, monkeypatch, capsys):
+    """ENOSPC while the next checkpoint is written: main_guard prints one line naming the file and saying the
+    previous checkpoint is intact, which it is, and no temporary file is left."""
+    import errno
+    run(random_dataset, tmp_path / "r", steps=2)
+    last = tmp_path / "r" / "last.pt"
+    before = last.read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(SystemExit) as stop:
+        common.main_guard(lambda: common.save_checkpoint(last, step=3, cfg=common.load_config(None), modules={}))
+    assert stop.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and message.startswith(f"error: {last}: No space left on device.")
+    assert "previous checkpoint and the finished rollout chunks are intact" in message and "--resume" in message
+    assert last.read_bytes() == before and not list((tmp_path / "r").glob(".last.pt.*"))
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):   # other I/O errors are not dressed up as a full disk
+        common.main_guard(lambda: common.save_checkpoint(last, step=3, cfg=common.load_config(None), modules={}))
+
+
 def test_mismatched_checkpoint_is_refused(random_dataset, tmp_path):
     run(random_dataset, tmp_path / "r", steps=1)
     payload = common.read_checkpoint(tmp_path / "r" / "last.pt")

@@ -9,6 +9,7 @@ import pytest
 import scipy.linalg
 import torch
 
+import common
 import evaluate as ev
 import metric_nets as mn
 from data.layout import write_frame, write_meta
@@ -304,6 +305,34 @@ def test_a_rollout_shorter_than_the_window_is_refused_before_any_feature_is_extr
     with pytest.raises(SystemExit):
         ev.main([f"--evaluate.rollout_dir={tmp_path / 'rollout'}", "--shotwise", "--evaluate.window=16"])
     assert "12 frames are fewer than the window of 16 (evaluate.window)" in capsys.readouterr().err
+
+
+def test_a_segmenter_that_is_not_one_is_refused_before_any_metric(tmp_path, monkeypatch):
+    """--evaluate.segmenter: a file that is not TorchScript is refused in one line before any metric runs; a
+    segmenter whose logits do not have the rollout's classes is named with the shape it returned."""
+    from data.layout import DatasetError
+    _tiny_rollout(tmp_path / "rollout", frames=4, truth=4)
+    garbage = tmp_path / "seg.pt"
+    garbage.write_bytes(b"not a model")
+
+    def no_metric(*args, **kwargs):
+        raise AssertionError("a metric ran before the segmenter was checked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ev, "vgg_csim", no_metric)
+        with pytest.raises(DatasetError, match=r"seg\.pt: not a loadable segmenter \(TorchScript, or torch.export"):
+            ev.run(common.load_config(None, [f"evaluate.rollout_dir={tmp_path / 'rollout'}", "evaluate.short=true",
+                                             f"evaluate.segmenter={garbage}"]))
+
+    class FourClasses(torch.nn.Module):
+        def forward(self, image):
+            return image.new_zeros(image.shape[0], 4, image.shape[2], image.shape[3])
+
+    torch.jit.script(FourClasses()).save(str(garbage))
+    reader = read_rollout(tmp_path / "rollout")
+    monkeypatch.setattr(ev, "vgg_csim", lambda p, t, *a: np.zeros(len(p)))
+    with pytest.raises(RolloutError, match=r"returned logits of shape \(4, 4, 16, 16\) for 4 frames; expected \(4, 19, H, W\)"):
+        ev.short_term(reader, segmenter=torch.jit.load(str(garbage)))
 
 
 def test_data_label_dynamics_counts_changes_at_the_stride(tmp_path):

@@ -1,4 +1,6 @@
 """Loader checks: each kind of bad input gets one clear error naming the problem file."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -134,3 +136,23 @@ def test_sampler_deterministic_resumable_and_sharded():
     first_epoch = [i for b in zip(rank0, rank1) for batch in b for i, _ in batch][:10]
     assert sorted(first_epoch) == list(range(10))  # one global order, split between ranks
     assert [i for i, _ in rank0[0]] != [i for i, _ in rank1[0]]
+
+
+def test_an_unwritable_cache_is_named_once(random_dataset, tmp_path, monkeypatch):
+    """Read-only data and an HVP_CACHE that cannot be written: one DatasetError naming HVP_CACHE, not a raw
+    traceback. (Tests may run as root, where permissions do not bite: the data is made 'read-only' through
+    os.access, and HVP_CACHE is a file, which no user can mkdir under.)"""
+    import os
+    seq = random_dataset / "train" / "seq_0000"
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == seq else real_access(path, mode))
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    monkeypatch.setenv("HVP_CACHE", str(blocker))
+    with pytest.raises(DatasetError, match=r"not_a_folder/\w+: cannot write the packed data cache under HVP_CACHE .*"
+                                           r"set HVP_CACHE to a writable folder"):
+        load_sequence(seq, "label")
+    assert not (seq / ".cache").exists()
+    monkeypatch.setenv("HVP_CACHE", str(tmp_path / "cache"))   # a writable one: packed there, read back
+    assert load_sequence(seq, "label").shape == (8, 16, 16)
+    assert len(list((tmp_path / "cache").glob("*/label.npy"))) == 1
