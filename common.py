@@ -729,6 +729,31 @@ def load_checkpoint(path, *, modules: dict, optimizers: dict | None = None, sche
     return payload
 
 
+DATA_KEYS = ("data.num_classes", "data.size")
+
+
+def load_trained(path, module: str, build, cfg: Config | None = None, check_keys=DATA_KEYS,
+                 device="cpu") -> torch.nn.Module:
+    """The network `module` of a training checkpoint, rebuilt by `build` (a model file's build_model) from the
+    config saved with it, so its architecture always fits, in eval mode on `device`. With `cfg`, a
+    checkpoint whose `check_keys` differ from it (classes, frame size) is refused with the key. The model
+    carries `trained_config` and `checkpoint_identity` (sha256 prefix, step, path: what a rollout records)."""
+    payload = read_checkpoint(path)
+    if cfg is not None:
+        check_compatible(payload, cfg, list(check_keys), path)
+    if module not in payload["modules"]:
+        raise CheckpointError(f"{path} holds {sorted(payload['modules'])}, not a {module!r} network")
+    trained_config = saved_config(payload)
+    model = build(trained_config)
+    try:
+        model.load_state_dict(payload["modules"][module])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the model: {str(e).splitlines()[0]}") from None
+    model.trained_config = trained_config
+    model.checkpoint_identity = {"sha256": file_sha256(path)[:16], "step": int(payload["step"]), "path": str(path)}
+    return model.to(device).eval()
+
+
 def resume_path(args: Args, run_dir: Path) -> Path | None:
     if args.resume is None:
         return None

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 import kernels
 
 FLOW_SCALE = 20.0  # vid2vid: the flow head's output times 20 is the flow in pixels
@@ -315,3 +316,35 @@ class PerceptualLoss(nn.Module):
             difference = fake_feature.float().unflatten(0, (groups, -1)) - real_feature.float()
             loss = loss + weight * groups * difference.abs().mean()
         return loss
+
+
+# ----------------------------------------------------------------------------- from a config, from a checkpoint
+
+# Keys that define the weights' shapes: a training run resumed from a checkpoint with other values is refused.
+ARCH_KEYS = ["image.tau", "image.ngf", "image.n_downsample", "image.n_blocks", "image.use_edges",
+             "image.foreground", "image.ndf", "image.n_layers_d", "image.num_d", "image.tau_d",
+             "image.temporal_scales", "image.use_flow", "data.num_classes", "data.size"]
+
+
+def build_model(cfg) -> ImageGenerator:
+    ic = cfg.image
+    return ImageGenerator(cfg.data.num_classes, ic.tau, ngf=ic.ngf, n_downsample=ic.n_downsample,
+                          n_blocks=ic.n_blocks, use_edges=ic.use_edges, foreground=ic.foreground)
+
+
+def build_discriminators(cfg) -> tuple[MultiscaleDiscriminator, torch.nn.ModuleList]:
+    """The conditional image discriminator on (label map, frame) and one video discriminator per
+    temporal scale on tau' frames (+ the tau'-1 flows between them when the data has flow)."""
+    ic = cfg.image
+    label_channels = cfg.data.num_classes + int(ic.use_edges)
+    image_d = MultiscaleDiscriminator(label_channels + 3, ic.ndf, ic.n_layers_d, ic.num_d)
+    video_channels = 3 * ic.tau_d + (2 * (ic.tau_d - 1) if ic.use_flow else 0)
+    video_d = torch.nn.ModuleList(MultiscaleDiscriminator(video_channels, ic.ndf, ic.n_layers_d, ic.num_d)
+                                  for _ in range(ic.temporal_scales))
+    return image_d, video_d
+
+
+def load(path, cfg=None, device="cpu") -> ImageGenerator:
+    """A trained image generator (RUN/image/last.pt) in eval mode, rebuilt from its checkpoint's config
+    (common.load_trained); with `cfg`, one trained for other classes or another frame size is refused."""
+    return common.load_trained(path, "generator", build_model, cfg, device=device)

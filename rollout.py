@@ -26,7 +26,10 @@ import numpy as np
 import torch
 
 import common
+import edge_model
+import image_model
 import kernels
+import structure_model
 from data import ensure_dataset, list_sequences, load_sequence_modalities
 from data.layout import DatasetError
 from data.rollout_io import RolloutWriter, read_rollout
@@ -40,24 +43,6 @@ ALIASES = {"frames": "rollout.frames", "samples": "rollout.samples", "clips": "r
 def checkpoint_path(cfg, key: str, component: str) -> Path:
     named = cfg.rollout[key]
     return Path(named) if named else Path(cfg.run.dir) / component / "last.pt"
-
-
-def load_component(script: str, path: Path, module_name: str, cfg, device) -> torch.nn.Module:
-    """A generator rebuilt from the config saved in its checkpoint (so the architecture always fits),
-    refused when its classes or frame size differ from this run's data. The checkpoint's config is kept
-    as `model.trained_config`."""
-    import importlib
-    payload = common.read_checkpoint(path)
-    common.check_compatible(payload, cfg, ["data.num_classes", "data.size"], path)
-    trained_config = common.saved_config(payload)
-    model = importlib.import_module(script).build_model(trained_config)
-    if module_name not in payload["modules"]:
-        raise common.CheckpointError(f"{path} holds {sorted(payload['modules'])}, not a {module_name!r} ({script})")
-    model.load_state_dict(payload["modules"][module_name])
-    model.trained_config = trained_config
-    # what the rollout folder records: resuming or reusing it with other weights is refused
-    model.checkpoint_identity = {"sha256": common.file_sha256(path)[:16], "step": int(payload["step"]), "path": str(path)}
-    return model.to(device).eval()
 
 
 class Pipeline:
@@ -81,15 +66,12 @@ class Pipeline:
 
     @classmethod
     def from_checkpoints(cls, cfg, device) -> "Pipeline":
-        structure = load_component("train_structure", checkpoint_path(cfg, "structure_ckpt", "structure"),
-                                         "structure", cfg, device)
+        structure = structure_model.load(checkpoint_path(cfg, "structure_ckpt", "structure"), cfg, device)
         image = edge = None
         if structure.variant != "rgb" and cfg.rollout.image_ckpt != "none":
-            image = load_component("train_image", checkpoint_path(cfg, "image_ckpt", "image"), "generator",
-                                         cfg, device)
+            image = image_model.load(checkpoint_path(cfg, "image_ckpt", "image"), cfg, device)
             if image.use_edges:
-                edge = load_component("train_edge", checkpoint_path(cfg, "edge_ckpt", "edge"), "generator",
-                                            cfg, device)
+                edge = edge_model.load(checkpoint_path(cfg, "edge_ckpt", "edge"), cfg, device)
         # one step of the rollout is one step of the structure generator's training clips; the image
         # generator must have learnt motion at the same frame step
         stride = structure.trained_config.structure.stride
@@ -114,8 +96,7 @@ class Pipeline:
             self.istate = self.image.init_state(rgb, labels, edges)
 
     def _edges(self, labels):
-        import train_edge
-        return train_edge.predict_boundaries(self.edge, labels)
+        return edge_model.predict_boundaries(self.edge, labels)
 
     @torch.inference_mode()
     def step(self, generator) -> dict:

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 import kernels
 
 VARIANTS = ("svg", "lstm", "cnn", "soft", "rgb")
@@ -587,3 +588,51 @@ class StructureModel(nn.Module):
     def generate(self, context: torch.Tensor, n_future: int, samples: int = 1, generator=None) -> torch.Tensor:
         """All n_future predictions at once: (B, samples, n_future, H, W) uint8 (RGB: (..., 3, H, W))."""
         return torch.cat(list(self.stream(context, n_future, samples, generator)), 2)
+
+
+# ----------------------------------------------------------------------------- from a config, from a checkpoint
+
+# Keys that define the weights' shapes: a checkpoint trained with other values is refused.
+ARCH_KEYS = ["structure.variant", "structure.encoder_blocks", "structure.width_mult", "structure.lstm_width",
+             "structure.lstm_mult", "structure.h_channels", "structure.z_channels", "structure.posterior_layers",
+             "structure.predictor_layers", "structure.latent", "structure.prior_components", "structure.z_to_decoder",
+             "structure.z_pool", "structure.previous_frame", "data.num_classes", "data.size"]
+
+
+def build_model(cfg) -> StructureModel:
+    """The structure generator described by cfg.structure and cfg.data (classes, frame size)."""
+    s = cfg.structure
+    size = tuple(cfg.data.size)
+    if len(size) != 2:
+        raise common.ConfigError(f"data.size must be [H, W], got {cfg.data.size!r}")
+    try:
+        pool_count(size)
+    except ValueError as e:
+        raise common.ConfigError(f"data.size={list(size)}: {e}") from None
+    for key in ("width_mult", "lstm_mult"):
+        if not s[key] > 0:
+            raise common.ConfigError(f"structure.{key} must be > 0, got {s[key]!r}")
+    if s.encoder_blocks:
+        try:
+            blocks = [(max(1, round(int(w) * s.width_mult)), int(n)) for w, n in s.encoder_blocks]
+            assert all(n >= 1 for _, n in blocks)
+        except (TypeError, ValueError, AssertionError):
+            raise common.ConfigError(f"structure.encoder_blocks must be [[width, convs], ...] with positive "
+                                     f"integers, got {s.encoder_blocks!r}") from None
+    else:
+        blocks = paper_blocks(size, s.width_mult)
+    try:
+        return StructureModel(variant=s.variant, num_classes=cfg.data.num_classes, size=size, blocks=blocks,
+                              h_channels=s.h_channels, z_channels=s.z_channels,
+                              lstm_width=max(1, round(s.lstm_width * s.lstm_mult)),
+                              posterior_layers=s.posterior_layers, predictor_layers=s.predictor_layers, skip=s.skip,
+                              latent=s.latent, prior_components=s.prior_components, z_to_decoder=s.z_to_decoder, z_pool=s.z_pool,
+                              previous_frame=s.previous_frame)
+    except ValueError as e:
+        raise common.ConfigError(str(e)) from None
+
+
+def load(path, cfg=None, device="cpu") -> StructureModel:
+    """A trained structure generator in eval mode, rebuilt from its checkpoint's config (common.load_trained);
+    with `cfg`, one trained for other classes or another frame size is refused with the key."""
+    return common.load_trained(path, "structure", build_model, cfg, device=device)

@@ -6,8 +6,7 @@
     python train_image.py --cfg synth_drive.yaml --image.steps=300 --run.precision=bf16
 
 Trained on ground-truth label maps (boundaries from the instance maps when image.use_edges); at
-rollout it is fed predicted structures through ImageGenerator.init_state / step (see
-load_generator). The first tau frames of every clip are real; the generator then produces the
+rollout it is fed predicted structures through ImageGenerator.init_state / step (image_model.load). The first tau frames of every clip are real; the generator then produces the
 rest one frame at a time from its own (detached) previous frames. The image discriminator judges
 one random generated frame with its label map (phi_I), the video discriminators tau' frames at
 steps 1, tau', ... with the ground-truth flows between them (phi_V). Losses: LSGAN (or hinge),
@@ -17,25 +16,18 @@ samples/final.mp4, loss.png, log.txt.
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import common
 import data
 import kernels
 from data.clips import ClipDataset, fixed_batch, make_loader
-from image_model import (FLOW_SCALE, ImageGenerator, MultiscaleDiscriminator, PerceptualLoss, chain_flows,
-                         feature_matching, gan_loss, label_input)
-from train_edge import true_boundaries
-
-# keys that fix the networks' shapes: a checkpoint trained with other values is refused
-ARCH_KEYS = ["image.tau", "image.ngf", "image.n_downsample", "image.n_blocks", "image.use_edges",
-             "image.foreground", "image.ndf", "image.n_layers_d", "image.num_d", "image.tau_d",
-             "image.temporal_scales", "image.use_flow", "data.num_classes", "data.size"]
+from image_model import (ARCH_KEYS, FLOW_SCALE, ImageGenerator, PerceptualLoss, build_discriminators, build_model,
+                         chain_flows, feature_matching, gan_loss, label_input)
+from edge_model import true_boundaries
 
 
 def check_config(cfg) -> None:
@@ -60,35 +52,6 @@ def check_config(cfg) -> None:
     if any(side % factor for side in cfg.data.size):
         raise common.ConfigError(f"config key 'data.size' = {cfg.data.size}: each side must be divisible by "
                                  f"2**image.n_downsample = {factor}")
-
-
-def build_model(cfg) -> ImageGenerator:
-    ic = cfg.image
-    return ImageGenerator(cfg.data.num_classes, ic.tau, ngf=ic.ngf, n_downsample=ic.n_downsample,
-                          n_blocks=ic.n_blocks, use_edges=ic.use_edges, foreground=ic.foreground)
-
-
-def build_discriminators(cfg) -> tuple[MultiscaleDiscriminator, torch.nn.ModuleList]:
-    """The conditional image discriminator on (label map, frame) and one video discriminator per
-    temporal scale on tau' frames (+ the tau'-1 flows between them when the data has flow)."""
-    ic = cfg.image
-    label_channels = cfg.data.num_classes + int(ic.use_edges)
-    image_d = MultiscaleDiscriminator(label_channels + 3, ic.ndf, ic.n_layers_d, ic.num_d)
-    video_channels = 3 * ic.tau_d + (2 * (ic.tau_d - 1) if ic.use_flow else 0)
-    video_d = torch.nn.ModuleList(MultiscaleDiscriminator(video_channels, ic.ndf, ic.n_layers_d, ic.num_d)
-                                  for _ in range(ic.temporal_scales))
-    return image_d, video_d
-
-
-def load_generator(path, device="cpu") -> tuple[ImageGenerator, common.Config]:
-    """The trained generator of a checkpoint (RUN/image/last.pt) in eval mode, and its config."""
-    payload = common.read_checkpoint(path)
-    cfg = common.saved_config(payload)
-    if "generator" not in payload["modules"]:
-        raise common.CheckpointError(f"{path}: not an image-generator checkpoint (no 'generator')")
-    generator = build_model(cfg)
-    generator.load_state_dict(payload["modules"]["generator"])
-    return generator.to(device).eval(), cfg
 
 
 # ----------------------------------------------------------------------------- data

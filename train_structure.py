@@ -27,67 +27,8 @@ import common
 import data
 import kernels
 from data.clips import ClipDataset, fixed_batch, make_loader
-from evaluate import born_pixels
-from structure_model import RolloutState, StructureModel, paper_blocks, pool_count  # noqa: F401 (re-exported)
-
-# Keys that define the weights' shapes: a checkpoint trained with other values is refused.
-ARCH_KEYS = ["structure.variant", "structure.encoder_blocks", "structure.width_mult", "structure.lstm_width",
-             "structure.lstm_mult", "structure.h_channels", "structure.z_channels", "structure.posterior_layers",
-             "structure.predictor_layers", "structure.latent", "structure.prior_components", "structure.z_to_decoder",
-             "structure.z_pool", "structure.previous_frame", "data.num_classes", "data.size"]
-
-
-# ----------------------------------------------------------------------------- model from config
-
-def build_model(cfg) -> StructureModel:
-    """The structure generator described by cfg.structure and cfg.data (classes, frame size)."""
-    s = cfg.structure
-    size = tuple(cfg.data.size)
-    if len(size) != 2:
-        raise common.ConfigError(f"data.size must be [H, W], got {cfg.data.size!r}")
-    try:
-        pool_count(size)
-    except ValueError as e:
-        raise common.ConfigError(f"data.size={list(size)}: {e}") from None
-    for key in ("width_mult", "lstm_mult"):
-        if not s[key] > 0:
-            raise common.ConfigError(f"structure.{key} must be > 0, got {s[key]!r}")
-    if s.encoder_blocks:
-        try:
-            blocks = [(max(1, round(int(w) * s.width_mult)), int(n)) for w, n in s.encoder_blocks]
-            assert all(n >= 1 for _, n in blocks)
-        except (TypeError, ValueError, AssertionError):
-            raise common.ConfigError(f"structure.encoder_blocks must be [[width, convs], ...] with positive "
-                                     f"integers, got {s.encoder_blocks!r}") from None
-    else:
-        blocks = paper_blocks(size, s.width_mult)
-    try:
-        return StructureModel(variant=s.variant, num_classes=cfg.data.num_classes, size=size, blocks=blocks,
-                              h_channels=s.h_channels, z_channels=s.z_channels,
-                              lstm_width=max(1, round(s.lstm_width * s.lstm_mult)),
-                              posterior_layers=s.posterior_layers, predictor_layers=s.predictor_layers, skip=s.skip,
-                              latent=s.latent, prior_components=s.prior_components, z_to_decoder=s.z_to_decoder, z_pool=s.z_pool,
-                              previous_frame=s.previous_frame)
-    except ValueError as e:
-        raise common.ConfigError(str(e)) from None
-
-
-def load_model(path, cfg=None, device="cpu") -> StructureModel:
-    """A trained structure generator in eval mode (what rollout.py uses). With `cfg`, the checkpoint must
-    match its classes, frame size and architecture (CheckpointError says which key differs); without,
-    the checkpoint's own config is used."""
-    payload = common.read_checkpoint(path)
-    if cfg is not None:
-        common.check_compatible(payload, cfg, ARCH_KEYS, path)
-    model = build_model(cfg if cfg is not None else common.saved_config(payload))
-    if "structure" not in payload["modules"]:
-        raise common.CheckpointError(f"{path} holds no structure generator (modules: {list(payload['modules'])})")
-    try:
-        model.load_state_dict(payload["modules"]["structure"])
-    except RuntimeError as e:
-        raise common.CheckpointError(f"{path}: weights do not fit the model: {str(e).splitlines()[0]}") from None
-    return model.to(device).eval()
-
+from evaluate import born_pixels, confusion_matrix, mean_iou
+from structure_model import ARCH_KEYS, StructureModel, build_model
 
 # ----------------------------------------------------------------------------- loss and metrics
 
@@ -132,20 +73,9 @@ def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ig
     return {"loss": loss, "nll": recon.detach().mean(), "kl": kl.detach().mean()}
 
 
-def confusion(pred: torch.Tensor, truth: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Class confusion counts (truth x pred) over all pixels; truth outside [0, N) (ignore) is skipped."""
-    truth, pred = truth.reshape(-1).long(), pred.reshape(-1).long()
-    keep = truth < num_classes
-    return torch.bincount(truth[keep] * num_classes + pred[keep], minlength=num_classes ** 2).view(num_classes, num_classes)
-
-
 def miou(pred: torch.Tensor, truth: torch.Tensor, num_classes: int) -> float:
-    """Mean over classes present in truth or prediction of intersection / union, pooled over all frames."""
-    conf = confusion(pred, truth, num_classes).double()
-    inter = conf.diag()
-    union = conf.sum(0) + conf.sum(1) - inter
-    present = union > 0
-    return float((inter[present] / union[present]).mean()) if present.any() else float("nan")
+    """evaluate.py's mIoU (classes present in truth or prediction, void skipped), pooled over all frames."""
+    return mean_iou(confusion_matrix(pred.cpu().numpy(), truth.cpu().numpy(), num_classes))
 
 
 def changed_fraction(frames: torch.Tensor, previous: torch.Tensor | None = None) -> float:

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 import record  # noqa: E402
 import kernels  # noqa: E402
-import train_image  # noqa: E402
-import train_structure  # noqa: E402
+import image_model  # noqa: E402
+import structure_model  # noqa: E402
 from rollout import StepRunner  # noqa: E402
 
 CSV = Path(__file__).with_name("rollout.csv")
@@ -140,8 +140,8 @@ def main(argv=None):
     triton_ok = on_cuda and torch.cuda.get_device_capability(device) >= (8, 0)
     modes = [("eager", "torch", False)] + ([("fused", "triton", False), ("fused+graph", "triton", True)] if triton_ok else [])
     precisions = ["fp32", "bf16"]
-    structure = train_structure.build_model(cfg).to(device).for_rollout(channels_last=on_cuda)
-    image = train_image.build_model(cfg).to(device).eval()
+    structure = structure_model.build_model(cfg).to(device).for_rollout(channels_last=on_cuda)
+    image = image_model.build_model(cfg).to(device).eval()
     if not on_cuda:
         print("CPU: fused Triton kernels and CUDA graphs need a CUDA device; measuring the eager torch path.")
     device_label, triton_version = record.device_name(device), record.triton_version()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import common
+import edge_model
 import train_edge
 from data.layout import write_frame, write_meta
 
@@ -69,14 +70,14 @@ def test_instance_boundaries_hand_made():
                              [1, 1, 1, 1, 1],
                              [1, 1, 1, 1, 1],
                              [0, 1, 1, 1, 0]], dtype=torch.bool)
-    assert torch.equal(train_edge.instance_boundaries(ids), expected)
+    assert torch.equal(edge_model.instance_boundaries(ids), expected)
     # One id everywhere: the image border alone is not a boundary.
-    assert not train_edge.instance_boundaries(torch.full((4, 6), 3)).any()
+    assert not edge_model.instance_boundaries(torch.full((4, 6), 3)).any()
     # Diagonal neighbours do not count.
     diagonal = torch.tensor([[1, 2], [2, 1]])
-    assert train_edge.instance_boundaries(diagonal).all()
+    assert edge_model.instance_boundaries(diagonal).all()
     checker = torch.tensor([[5, 5, 5], [5, 9, 5], [5, 5, 5]])
-    assert torch.equal(train_edge.instance_boundaries(checker),
+    assert torch.equal(edge_model.instance_boundaries(checker),
                        torch.tensor([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=torch.bool))
 
 
@@ -84,18 +85,18 @@ def test_stuff_classes_follow_the_ids():
     """Stuff with instance id 0 everywhere: class changes count only with boundary_source=instance+class."""
     labels = torch.tensor([[10, 10, 10], [2, 2, 2], [2, 13, 2]], dtype=torch.uint8)
     ids = torch.tensor([[0, 0, 0], [0, 0, 0], [0, 1004, 0]], dtype=torch.int32)
-    instance_only = train_edge.true_boundaries(labels, ids, "instance")
+    instance_only = edge_model.true_boundaries(labels, ids, "instance")
     assert torch.equal(instance_only, torch.tensor([[0, 0, 0], [0, 1, 0], [1, 1, 1]], dtype=torch.bool))
-    both = train_edge.true_boundaries(labels, ids, "instance+class")
+    both = edge_model.true_boundaries(labels, ids, "instance+class")
     assert torch.equal(both, torch.tensor([[1, 1, 1], [1, 1, 1], [1, 1, 1]], dtype=torch.bool))
     with pytest.raises(common.ConfigError, match="boundary_source"):
-        train_edge.true_boundaries(labels, ids, "edges")
+        edge_model.true_boundaries(labels, ids, "edges")
 
 
 def test_instance_boundaries_match_loops_on_random_maps():
     rng = np.random.default_rng(1)
     ids = rng.integers(0, 3, (4, 9, 13)).astype(np.int32)
-    got = train_edge.instance_boundaries(torch.from_numpy(ids)).numpy()
+    got = edge_model.instance_boundaries(torch.from_numpy(ids)).numpy()
     for i in range(len(ids)):
         np.testing.assert_array_equal(got[i], boundaries_by_loops(ids[i]))
 
@@ -120,7 +121,7 @@ def test_boundary_counts_match_scipy(tolerance):
 
 
 def test_scores_perfect_and_empty():
-    truth = train_edge.instance_boundaries(torch.tensor([[[1, 1, 2, 2]] * 4]))
+    truth = edge_model.instance_boundaries(torch.tensor([[[1, 1, 2, 2]] * 4]))
     assert train_edge.scores_from_counts(train_edge.boundary_counts(truth, truth, 0)) == \
         {"precision": 1.0, "recall": 1.0, "f1": 1.0}
     nothing = torch.zeros_like(truth)
@@ -131,7 +132,7 @@ def test_scores_perfect_and_empty():
 
 def test_one_hot_ignores_out_of_range():
     labels = torch.tensor([[[0, 3, 255]]], dtype=torch.uint8)
-    onehot = train_edge.one_hot(labels, 4)
+    onehot = edge_model.one_hot(labels, 4)
     assert onehot.shape == (1, 4, 1, 3)
     assert torch.equal(onehot[0, :, 0, 0], torch.tensor([1.0, 0, 0, 0]))
     assert torch.equal(onehot[0, :, 0, 1], torch.tensor([0.0, 0, 0, 1]))
@@ -148,9 +149,9 @@ def paper_generator_params(num_classes, c1=64, c2=128, c3=256, blocks=8):
                                           ("dance64", 25)])
 def test_paper_configs_build(name, classes):
     cfg = common.load_config(name)
-    generator = train_edge.build_model(cfg)
+    generator = edge_model.build_model(cfg)
     assert common.count_parameters(generator) == paper_generator_params(classes)
-    discriminator = train_edge.build_discriminator(cfg)
+    discriminator = edge_model.build_discriminator(cfg)
     assert discriminator.blocks[0][0].in_channels == classes + 1
     assert [b[0].out_channels for b in discriminator.blocks[:-1]] == [64, 128, 256, 512]
 
@@ -158,27 +159,27 @@ def test_paper_configs_build(name, classes):
 def test_shapes_and_predict_boundaries():
     cfg = common.load_config("kitti64")
     torch.manual_seed(0)
-    generator, discriminator = train_edge.build_model(cfg), train_edge.build_discriminator(cfg)
+    generator, discriminator = edge_model.build_model(cfg), edge_model.build_discriminator(cfg)
     labels = torch.randint(0, 19, (2, 64, 64), dtype=torch.uint8)
-    onehot = train_edge.one_hot(labels, 19)
+    onehot = edge_model.one_hot(labels, 19)
     logits = generator(onehot)
     assert logits.shape == (2, 1, 64, 64)
     features = discriminator(torch.cat([onehot, torch.sigmoid(logits)], 1))
     assert [tuple(f.shape[1:]) for f in features] == [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 7, 7),
                                                       (1, 6, 6)]
 
-    small = train_edge.BoundaryGenerator(19, width=0.125, res_blocks=1)
+    small = edge_model.BoundaryGenerator(19, width=0.125, res_blocks=1)
     small.train()
     maps = torch.randint(0, 19, (3, 2, 32, 32), dtype=torch.uint8)
-    edges = train_edge.predict_boundaries(small, maps)
+    edges = edge_model.predict_boundaries(small, maps)
     assert edges.shape == (3, 2, 1, 32, 32) and edges.dtype == torch.float32
     assert edges.min() >= 0 and edges.max() <= 1
     assert small.training, "predict_boundaries must restore the caller's mode"
     # Per frame: a frame's boundary does not depend on the rest of its batch.
-    one = train_edge.predict_boundaries(small, maps[1, 0][None])
+    one = edge_model.predict_boundaries(small, maps[1, 0][None])
     torch.testing.assert_close(one[0], edges[1, 0], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="divisible by 4"):
-        train_edge.predict_boundaries(small, torch.zeros(1, 30, 32, dtype=torch.uint8))
+        edge_model.predict_boundaries(small, torch.zeros(1, 30, 32, dtype=torch.uint8))
 
 
 def test_a_few_steps_reduce_the_loss(toy_root):
@@ -187,18 +188,18 @@ def test_a_few_steps_reduce_the_loss(toy_root):
     cfg = common.load_config("synth_drive", TINY[2:] + [f"--data.root={toy_root}"])
     assert cfg.edge.bce_weight == 0.0
     torch.manual_seed(0)
-    generator, discriminator = train_edge.build_model(cfg), train_edge.build_discriminator(cfg)
+    generator, discriminator = edge_model.build_model(cfg), edge_model.build_discriminator(cfg)
     opt_g = torch.optim.Adam(generator.parameters(), lr=1e-3, betas=(0.0, 0.9))
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=1e-4, betas=(0.0, 0.9))
     scalers = {k: common.grad_scaler(torch.device("cpu"), "fp32") for k in "gd"}
     from data.clips import ClipDataset, fixed_batch
     batch = fixed_batch(ClipDataset(toy_root, "train", 1, 0, 1, ("label", "instance")), 8)
     labels = batch["label"][:, 0]
-    truth = train_edge.true_boundaries(labels, batch["instance"][:, 0])
+    truth = edge_model.true_boundaries(labels, batch["instance"][:, 0])
 
     def error():
         with torch.no_grad():
-            return (torch.sigmoid(generator(train_edge.one_hot(labels, 19)))[:, 0] - truth.float()).abs().mean().item()
+            return (torch.sigmoid(generator(edge_model.one_hot(labels, 19)))[:, 0] - truth.float()).abs().mean().item()
 
     before = error()
     losses = [train_edge.train_step(generator, discriminator, opt_g, opt_d, scalers, labels, truth, cfg, step)
@@ -231,8 +232,10 @@ def test_train_resume_equals_uninterrupted(toy_root, tmp_path):
     # The baseline (class changes) finds every car outline but misses the touching cars' shared edge.
     assert straight["val"]["baseline"]["recall"] < 1.0
 
-    loaded = train_edge.load_generator(common.load_config("synth_drive", TINY[2:] + [f"--run.dir={tmp_path / 'a'}"]))
-    assert not loaded.training
+    loaded = edge_model.load(tmp_path / "a" / "edge" / "last.pt", common.load_config("synth_drive", TINY[2:]))
+    assert not loaded.training and loaded.checkpoint_identity["step"] == 6
+    with pytest.raises(common.CheckpointError, match="data.num_classes"):
+        edge_model.load(tmp_path / "a" / "edge" / "last.pt", common.load_config("synth_drive", ["data.num_classes=8"]))
     with pytest.raises(common.CheckpointError, match="edge.width"):
         train_edge.main(tiny_args(toy_root, tmp_path / "a", "--steps=8", "--edge.width=0.25", "--resume"))
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import common
 import kernels
+import image_model
 import train_image
 from image_model import ImageGenerator, PerceptualLoss, chain_flows, label_input
 
@@ -73,8 +74,8 @@ def test_shapes_and_paper_configs():
     for name, tau, label_channels in (("kitti64", 5, 19), ("cityscapes128x256", 4, 20), ("dance64", 5, 25)):
         cfg = common.load_config(name)
         train_image.check_config(cfg)
-        model = train_image.build_model(cfg)
-        image_d, video_d = train_image.build_discriminators(cfg)
+        model = image_model.build_model(cfg)
+        image_d, video_d = image_model.build_discriminators(cfg)
         assert model.tau == tau == cfg.image.tau and model.label_channels == label_channels
         assert model.label_encoder[1].in_channels == (tau + 1) * label_channels
         assert image_d.scales[0].layers[0][0].in_channels == label_channels + 3
@@ -203,8 +204,8 @@ def test_resume_equals_uninterrupted(tiny_drive, tmp_path):
     # a checkpoint of another width is refused with the reason
     with pytest.raises(common.CheckpointError, match="image.ngf"):
         train_image.main(tiny_overrides(tiny_drive, tmp_path / "resumed", steps=6, **{"image.ngf": 16}) + ["--resume"])
-    generator, cfg = train_image.load_generator(straight["run_dir"] / "last.pt")
-    assert not generator.training and cfg.image.ngf == 8
+    generator = image_model.load(straight["run_dir"] / "last.pt")
+    assert not generator.training and generator.trained_config.image.ngf == 8
 
 
 

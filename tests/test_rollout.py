@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 
 import common
+import edge_model
+import image_model
 import rollout
+import structure_model
 from data.rollout_io import read_rollout
 
 TINY = ["data.size=[32, 32]", "data.num_classes=19", "structure.width_mult=0.0625", "structure.lstm_mult=0.0625", "structure.h_channels=8",
@@ -23,13 +26,10 @@ def tiny_drive(tmp_path_factory):
 
 
 def _save_generators(root, run_dir, extra=()):
-    import train_edge
-    import train_image
-    import train_structure
     cfg = common.load_config(None, [f"data.root={root}", f"run.dir={run_dir}", *TINY, *extra])
-    for name, script, module in (("structure", train_structure, "structure"), ("image", train_image, "generator"),
-                                 ("edge", train_edge, "generator")):
-        model = script.build_model(cfg)
+    for name, model_file, module in (("structure", structure_model, "structure"), ("image", image_model, "generator"),
+                                     ("edge", edge_model, "generator")):
+        model = model_file.build_model(cfg)
         common.save_checkpoint(run_dir / name / "last.pt", step=1, cfg=cfg, modules={module: model})
     return cfg
 
@@ -203,9 +203,8 @@ def test_rollout_steps_at_the_training_stride(tiny_drive, tmp_path):
 def test_rgb_variant_pipeline_equals_the_model_on_uint8_context():
     """The non-hierarchical baseline sees its context as the model's own API does (uint8 RGB, scaled once)."""
     import torch
-    import train_structure
     cfg = common.load_config(None, [*TINY, "structure.variant=rgb"])
-    model = train_structure.build_model(cfg)
+    model = structure_model.build_model(cfg)
     context_rgb = torch.randint(0, 256, (2, 3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     context_labels = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
     expected = model.eval().generate(context_rgb, 4, generator=torch.Generator().manual_seed(1))[:, 0]

@@ -16,7 +16,7 @@ from PIL import Image
 import common
 import kernels
 import train_structure
-from train_structure import build_model, load_model
+from structure_model import build_model, load
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--run.kernel_backend=torch", "--structure.width_mult=0.125", "--structure.lstm_mult=0.125",
@@ -272,11 +272,11 @@ def test_resume_equals_uninterrupted(tiny_drive, tmp_path):
 def test_mismatched_checkpoint_is_refused(tiny_drive, tmp_path):
     train_structure.main(tiny_args(tiny_drive, tmp_path, "--structure.iterations=1"))
     path = tmp_path / "structure" / "last.pt"
-    assert isinstance(load_model(path), torch.nn.Module)  # its own config
+    assert isinstance(load(path), torch.nn.Module)  # its own config
     with pytest.raises(common.CheckpointError, match=r"data.num_classes=19 but the config says data.num_classes=25"):
-        load_model(path, tiny_cfg("data.num_classes=25"))
+        load(path, tiny_cfg("data.num_classes=25"))
     with pytest.raises(common.CheckpointError, match=r"data.size=\[32, 32\] but the config says data.size=\[64, 64\]"):
-        load_model(path, tiny_cfg(size=(64, 64)))
+        load(path, tiny_cfg(size=(64, 64)))
     with pytest.raises(common.CheckpointError, match="structure.lstm_mult"):
         train_structure.main(tiny_args(tiny_drive, tmp_path, "--structure.iterations=2", "--structure.lstm_mult=0.25",
                                        "--resume"))
