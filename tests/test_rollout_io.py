@@ -68,6 +68,24 @@ def test_resume_counts_only_complete_chunks_everywhere(tmp_path):
     assert yaml.safe_load((tmp_path / "rollout.yaml").read_text())["complete"] is False
 
 
+def test_a_full_disk_names_the_chunk_and_leaves_no_part_of_it(tmp_path, monkeypatch):
+    """ENOSPC while a chunk is written: the error names the chunk (common.main_guard turns it into one line),
+    the chunks before it stay whole and counted, and no partial file is left."""
+    import errno
+    writer = make_writer(tmp_path)
+    labels, rgbs = predicted()
+    writer.write_chunk(0, label=labels[:, :, :4], rgb=rgbs[:, :, :4])
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(np, "save", full)
+    with pytest.raises(OSError, match=r"No space left on device: '.*clip_0000/sample_000/label/000004\.npy'") as e:
+        writer.write_chunk(4, label=labels[:, :, 4:8], rgb=rgbs[:, :, 4:8])
+    assert e.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert writer.frames_done() == 4 and not list(tmp_path.rglob("*.tmp"))
+
+
 def test_bad_chunks_are_refused_and_named(tmp_path):
     writer = make_writer(tmp_path)
     labels, rgbs = predicted()
