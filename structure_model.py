@@ -320,7 +320,8 @@ class StructureModel(nn.Module):
         if latent not in LATENTS:
             raise ValueError(f"structure.latent must be one of {', '.join(LATENTS)}, got {latent!r}")
         if previous_frame and variant not in ("svg", "lstm", "cnn"):
-            raise ValueError(f"structure.previous_frame needs argmax label feedback (svg, lstm, cnn), not {variant!r}")
+            raise ValueError(f"structure.previous_frame needs argmax label feedback (svg, lstm, cnn), not {variant!r}: "
+                             f"add --structure.previous_frame=false")
         self.previous_frame = previous_frame
         self.variant, self.num_classes, self.size, self.skip = variant, num_classes, tuple(size), skip
         self.stochastic = variant in STOCHASTIC
