@@ -950,9 +950,9 @@ EXIT_STOPPED = 75  # SIGINT/SIGTERM: stopped early after saving a checkpoint; --
 
 
 def main_guard(fn):
-    """Run a script's main(): the errors users cause (config, data, checkpoint, a busy folder) print one
-    line, and so does a full disk; a run stopped by a signal exits with EXIT_STOPPED once its checkpoint is saved, so schedulers
-    and scripts can tell it from a finished one (exit 0)."""
+    """Run a script's main(): the errors users cause (config, data, checkpoint, a busy folder) and a full
+    disk print one line; a run stopped by a signal exits with EXIT_STOPPED once its checkpoint is saved, so
+    schedulers and scripts can tell it from a finished one (exit 0)."""
     from data.layout import DatasetError
     from data.rollout_io import RolloutError
     failed = True

@@ -14,9 +14,10 @@ from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
 import common
 
-# Keys that define the networks' shapes: a checkpoint that differs in one of them is refused.
+# Keys that define the generator's shapes and target: a training run resumed from a checkpoint with other values
+# is refused.
 ARCH_KEYS = ["data.num_classes", "data.size", "edge.width", "edge.res_blocks", "edge.dilation",
-                  "edge.spectral_norm", "edge.boundary_source"]
+             "edge.spectral_norm", "edge.boundary_source"]
 
 
 # ----------------------------------------------------------------------------- the target

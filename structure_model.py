@@ -593,7 +593,7 @@ class StructureModel(nn.Module):
 
 # ----------------------------------------------------------------------------- from a config, from a checkpoint
 
-# Keys that define the weights' shapes: a checkpoint trained with other values is refused.
+# Keys that define the weights' shapes: a training run resumed from a checkpoint with other values is refused.
 ARCH_KEYS = ["structure.variant", "structure.encoder_blocks", "structure.width_mult", "structure.lstm_width",
              "structure.lstm_mult", "structure.h_channels", "structure.z_channels", "structure.posterior_layers",
              "structure.predictor_layers", "structure.latent", "structure.prior_components", "structure.z_to_decoder",

@@ -30,6 +30,7 @@ from data.clips import ClipDataset, fixed_batch, make_loader
 from evaluate import born_pixels, confusion_matrix, mean_iou
 from structure_model import ARCH_KEYS, StructureModel, build_model
 
+
 # ----------------------------------------------------------------------------- loss and metrics
 
 def budget_used(cfg, step: int, seconds: float, clock_fraction: float, device) -> tuple[float, float]:

@@ -187,11 +187,13 @@ def load_sequence(seq_dir, modality: str, meta: dict | None = None) -> np.ndarra
         cache.mkdir(parents=True, exist_ok=True)
         with common.atomic_path(packed_path) as tmp:
             np.save(tmp, packed)
-        common.atomic_write_bytes(key_path, json.dumps({"fingerprint": fingerprint, "shape": list(packed.shape)}).encode())
+        key = {"fingerprint": fingerprint, "shape": list(packed.shape)}
+        common.atomic_write_bytes(key_path, json.dumps(key).encode())
     except OSError as e:
         if e.errno in common.DISK_FULL:
             raise
-        where = "beside the data" if cache.parent == seq_dir else f"under HVP_CACHE ({cache.parent}), as {seq_dir} is read-only"
+        where = ("beside the data" if cache.parent == seq_dir
+                 else f"under HVP_CACHE ({cache.parent}), as {seq_dir} is read-only")
         raise DatasetError(f"{cache}: cannot write the packed data cache {where}: {e.strerror}; "
                            f"set HVP_CACHE to a writable folder") from None
     return np.load(packed_path, mmap_mode="r")
