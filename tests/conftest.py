@@ -23,6 +23,30 @@ torch.set_num_threads(1)
 import pytest  # noqa: E402
 
 
+# ----------------------------------------------------------------------------- kernel parity tests
+
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# interpreter bf16 arithmetic is unreliable: bf16 only on a GPU
+KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if KERNEL_DEVICE == "cuda" else [])
+LAYOUTS = ["contiguous", "channels_last", "strided", "cropped"]
+
+
+def triton_only(test):
+    """Skip where neither a GPU nor the interpreter can run Triton (the reason says which is missing)."""
+    import kernels
+    from kernels import _dispatch
+    return pytest.mark.skipif(
+        not kernels.HAS_TRITON or (KERNEL_DEVICE == "cpu" and not _dispatch.INTERPRET),
+        reason=f"Triton path unavailable here (triton error: {_dispatch.TRITON_ERROR}, "
+               f"interpreter: {_dispatch.INTERPRET})")(test)
+
+
+def seeded(*key) -> torch.Generator:
+    """A CPU generator seeded by the test case's parameters, so each case draws its own inputs."""
+    import zlib
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
 @pytest.fixture
 def master_port() -> int:
     """A free TCP port for a torchrun test's rendezvous."""

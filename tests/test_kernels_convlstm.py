@@ -1,30 +1,15 @@
 """Fused ConvLSTM cell: Triton kernel (interpreter on CPU) against the plain-torch reference."""
-import os
-import zlib
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+import kernels
+from tests.conftest import KERNEL_DEVICE as DEVICE, KERNEL_DTYPES as DTYPES, LAYOUTS, seeded, triton_only
 
-import pytest  # noqa: E402
-
-import kernels  # noqa: E402
-from kernels import _dispatch  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# interpreter bf16 arithmetic is unreliable: bf16 only on a GPU
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 # (atol, rtol) for h and the gradients; c is float32 for every input dtype and compared at fp32 level
 # (the inputs are the same rounded values on both sides, so only the arithmetic differs)
 TOL = {torch.float32: (2e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
 C_TOL = (2e-5, 1e-5)
 SHAPES = [(2, 3, 5, 7), (1, 8, 8, 8), (3, 2, 1, 9)]  # (B, C, H, W): odd sizes, one-row maps
-LAYOUTS = ["contiguous", "channels_last", "strided", "cropped"]
-
-triton_only = pytest.mark.skipif(
-    not kernels.HAS_TRITON or (DEVICE == "cpu" and not _dispatch.INTERPRET),
-    reason=f"Triton path unavailable here (triton error: {_dispatch.TRITON_ERROR}, interpreter: {_dispatch.INTERPRET})")
 
 
 def make(shape, dtype, layout, generator, scale=1.0):
@@ -62,7 +47,7 @@ def assert_close(actual, expected, tol, what):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_triton_matches_reference_forward_backward(shape, layout, dtype):
-    g = torch.Generator().manual_seed(zlib.crc32(repr((shape, layout)).encode()))
+    g = seeded(shape, layout)
     B, C, H, W = shape
     gates = make((B, 4 * C, H, W), dtype, layout, g, scale=2.0)
     c_prev = make((B, C, H, W), torch.float32, layout, g)

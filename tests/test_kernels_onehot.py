@@ -1,33 +1,15 @@
 """Argmax-onehot and the one-hot 3x3 convolution as a gather: Triton (interpreter on CPU) vs reference."""
-import os
-import zlib
-
+import pytest
 import torch
+import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+import kernels
+from tests.conftest import KERNEL_DEVICE as DEVICE, KERNEL_DTYPES as DTYPES, LAYOUTS, seeded, triton_only
 
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import kernels  # noqa: E402
-from kernels import _dispatch  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 # conv output: at most 9 weights + bias summed in fp32, rounded once to the dtype (atol, rtol)
 CONV_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
 # weight gradient: sums of the upstream gradient over up to B*H*W pixels
 GRAD_TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (1e-2, 2e-3), torch.bfloat16: (1e-1, 1e-2)}
-LAYOUTS = ["contiguous", "channels_last", "strided", "cropped"]
-
-triton_only = pytest.mark.skipif(
-    not kernels.HAS_TRITON or (DEVICE == "cpu" and not _dispatch.INTERPRET),
-    reason=f"Triton path unavailable here (triton error: {_dispatch.TRITON_ERROR}, interpreter: {_dispatch.INTERPRET})")
-
-
-def seeded(*key):
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
 def make_logits(shape, dtype, layout, generator, ties=False):

@@ -1,31 +1,19 @@
 """Fused flow warp + blend: Triton kernel (interpreter on CPU) against the grid_sample reference."""
-import os
 import zlib
 
+import pytest
 import torch
+import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+import kernels
+from tests.conftest import KERNEL_DEVICE as DEVICE, KERNEL_DTYPES as DTYPES, LAYOUTS, triton_only
 
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import kernels  # noqa: E402
-from kernels import _dispatch  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 # (atol, rtol). The reference goes through grid_sample's normalised grid and back, so sample
 # positions differ by float32 rounding (~1e-6 px): fp32 tolerances sit a little above fp32 epsilon.
 # The flow gradient sums over channels of value differences.
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (3e-3, 3e-3), torch.bfloat16: (3e-2, 3e-2)}
 FLOW_TOL = {torch.float32: (5e-4, 1e-4), torch.float16: (1e-2, 5e-3), torch.bfloat16: (1e-1, 5e-2)}
 SHAPES = [(2, 3, 5, 7), (1, 4, 9, 16), (2, 3, 1, 6)]  # (B, C, H, W): odd sizes, a single row
-LAYOUTS = ["contiguous", "channels_last", "strided", "cropped"]
-
-triton_only = pytest.mark.skipif(
-    not kernels.HAS_TRITON or (DEVICE == "cpu" and not _dispatch.INTERPRET),
-    reason=f"Triton path unavailable here (triton error: {_dispatch.TRITON_ERROR}, interpreter: {_dispatch.INTERPRET})")
 
 
 def make(shape, dtype, layout, generator, scale=1.0, uniform=False):
