@@ -683,14 +683,23 @@ def read_checkpoint(path) -> dict:
     return payload
 
 
+# keys renamed since checkpoints were first written: (section, old name) -> new name
+RENAMED_KEYS = {("structure", "iterations"): "steps", ("structure", "ckpt_every"): "save_every"}
+
+
 def saved_config(payload: dict) -> Config:
     """A checkpoint's config over the schema defaults: a key added to the schema after the checkpoint was
-    written reads as its default, which is what the checkpoint was trained with."""
+    written reads as its default, which is what the checkpoint was trained with; a renamed key reads under
+    its new name."""
     def overlay(base, saved):
         for key, value in saved.items():
             base[key] = overlay(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
         return base
-    return Config.from_dict(overlay(load_schema(), payload["config"]))
+    saved = copy.deepcopy(payload["config"])
+    for (section, old), new in RENAMED_KEYS.items():
+        if old in saved.get(section, {}):
+            saved[section][new] = saved[section].pop(old)
+    return Config.from_dict(overlay(load_schema(), saved))
 
 
 def check_compatible(payload: dict, cfg: Config, keys: list[str], path="checkpoint") -> None:

@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
     import train_edge
     import train_image
     import train_structure
-    components = [("structure", train_structure.main, cfg.structure.iterations)]
+    components = [("structure", train_structure.main, cfg.structure.steps)]
     if cfg.structure.variant != "rgb":
         if cfg.image.use_edges:
             components.append(("edge", train_edge.main, cfg.edge.steps))

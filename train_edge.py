@@ -116,7 +116,7 @@ def train_step(generator, discriminator, opt_g, opt_d, scalers, labels, truth, c
 
 # ----------------------------------------------------------------------------- validation and samples
 
-def evaluate(generator, batch: dict, cfg, chunk: int = 32) -> dict:
+def validate(generator, batch: dict, cfg, chunk: int = 32) -> dict:
     """Precision / recall / F1 of predictions (threshold, tolerance) and of the class-boundary baseline,
     at the configured tolerance and at 0 pixels, on a batch of single-frame clips."""
     e = cfg.edge
@@ -218,8 +218,8 @@ def main(argv=None) -> dict:
                                optimizers={"g": opt_g, "d": opt_d}, scalers=scalers,
                                extra={"history": history, **clock})
 
-    def validate(step):
-        scores = evaluate(generator, val_batch, cfg)
+    def log_validation(step):
+        scores = validate(generator, val_batch, cfg)
         history.setdefault("val_f1", []).append((step, scores["model"]["f1"]))
         history.setdefault("baseline_f1", []).append((step, scores["baseline"]["f1"]))
         write_samples(generator, val_batch, cfg, meta["palette"], run_dir / "samples" / f"step_{step:06d}.png")
@@ -256,7 +256,7 @@ def main(argv=None) -> dict:
                     history.setdefault(k, []).append((done, float(np.mean(values))))
                 window = {}
             if dist.is_main and (done % e.eval_every == 0 or done == e.steps):
-                scores = validate(done)
+                scores = log_validation(done)
             if stop.should_stop():
                 save(done)
                 common.log(f"stopped at step {done}; resume with --resume")
@@ -269,7 +269,7 @@ def main(argv=None) -> dict:
     result = {"run_dir": run_dir, "step": done, **clock, "val": scores}
     if dist.is_main:
         if scores is None:
-            scores = validate(done)
+            scores = log_validation(done)
         result["val"] = scores
         common.log(f"at step {done}: {clock['train_seconds']:.1f}s wall, {clock['train_cpu_seconds']:.1f}s process CPU "
                    f"in training steps (this run and any it resumed; {torch.get_num_threads()} threads)")

@@ -209,7 +209,7 @@ def main(argv=None):
         common.save_checkpoint(run_dir / "last.pt", step=step, cfg=cfg, modules=modules, optimizers=optimizers,
                                schedulers=schedulers, scalers={"scaler": scaler}, extra={"history": history})
 
-    def evaluate(final=False):
+    def log_validation(final=False):
         nonlocal metrics
         if not dist.is_main:
             return
@@ -348,11 +348,11 @@ def main(argv=None):
                 save()
                 break
             if step % ic.eval_every == 0 and step < ic.steps:
-                evaluate()
+                log_validation()
             if step % ic.save_every == 0 or step == ic.steps:
                 save()
     progress.close()
-    evaluate(final=True)
+    log_validation(final=True)
     for name, module in modules.items():
         common.assert_ranks_identical(module, f"{name} parameters")
     common.log(f"image generator: {step} steps in {time.time() - started:.0f} s; run folder {run_dir}")

@@ -34,7 +34,7 @@ from structure_model import ARCH_KEYS, StructureModel, build_model
 # ----------------------------------------------------------------------------- loss and metrics
 
 def budget_used(cfg, step: int, seconds: float, clock_fraction: float, device) -> tuple[float, float]:
-    """The fraction of the training budget used: of structure.iterations, or of structure.max_minutes (the
+    """The fraction of the training budget used: of structure.steps, or of structure.max_minutes (the
     wall time of this process) when that is set and runs out sooner. The clock is read every log_every
     steps (clock_fraction carries the last reading) and averaged over ranks, so every rank sees the same
     value. Returns (fraction used, clock fraction)."""
@@ -42,7 +42,7 @@ def budget_used(cfg, step: int, seconds: float, clock_fraction: float, device) -
     if s.max_minutes > 0 and step % s.log_every == 0:
         clock = torch.tensor([seconds / (60 * s.max_minutes)], device=device)
         clock_fraction = float(common.all_reduce_mean(clock))
-    return max(step / max(1, s.iterations), clock_fraction), clock_fraction
+    return max(step / max(1, s.steps), clock_fraction), clock_fraction
 
 
 def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ignore_index: int,
@@ -226,7 +226,7 @@ def main(argv=None) -> dict:
         common.save_checkpoint(run_dir / "last.pt", step=step, cfg=cfg, modules={"structure": model},
                                optimizers={"adam": optimizer}, scalers={"scaler": scaler}, extra={"history": history})
 
-    def evaluate(step):
+    def log_validation(step):
         if not dist.is_main:
             return
         metrics = validate(model, val_batch, cfg, ignore_index, cfg.run.seed)
@@ -245,9 +245,9 @@ def main(argv=None) -> dict:
     step, started = start_step, time.time()
     loop_start, time_up, clock_fraction, used = started, False, 0.0, 0.0
     model.train()
-    bar = common.progress(total=s.iterations, initial=start_step, disable=not dist.is_main, desc="structure")
+    bar = common.progress(total=s.steps, initial=start_step, disable=not dist.is_main, desc="structure")
     with common.StopSignal() as stop:
-        while step < s.iterations:
+        while step < s.steps:
             if s.born_weight_decay:  # the only reader of the budget (and the clock)
                 used, clock_fraction = budget_used(cfg, step, time.time() - loop_start, clock_fraction, device)
             # decayed to 0 over the budget, the weight opens the latent early and leaves a calibrated decoder
@@ -276,9 +276,9 @@ def main(argv=None) -> dict:
                 common.log(f"step {step}: structure.max_minutes={s.max_minutes} reached; stopping")
                 stop.requested = time_up = True  # any rank's flag stops all ranks (should_stop reduces it)
             stopping = stop.should_stop()
-            if step % s.eval_every == 0 or step == s.iterations or (stopping and time_up):
-                evaluate(step)
-            if step % s.ckpt_every == 0 or step == s.iterations or stopping:
+            if step % s.eval_every == 0 or step == s.steps or (stopping and time_up):
+                log_validation(step)
+            if step % s.save_every == 0 or step == s.steps or stopping:
                 history["seconds"] += time.time() - started
                 started = time.time()
                 save(step)

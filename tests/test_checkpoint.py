@@ -80,6 +80,18 @@ def test_a_key_added_after_the_checkpoint_reads_as_its_default():
                                 ["structure.z_to_decoder"], "old.pt")
 
 
+def test_a_renamed_key_reads_under_its_new_name():
+    """structure.iterations / ckpt_every became structure.steps / save_every: a checkpoint written before
+    reads its values under the new names, and the old names are gone."""
+    saved = common.load_config(None).to_dict()
+    saved["structure"]["iterations"] = saved["structure"].pop("steps")
+    saved["structure"]["ckpt_every"] = saved["structure"].pop("save_every")
+    saved["structure"]["iterations"], saved["structure"]["ckpt_every"] = 1234, 56
+    config = common.saved_config({"config": saved})
+    assert (config.structure.steps, config.structure.save_every) == (1234, 56)
+    assert "iterations" not in config.structure and "ckpt_every" not in config.structure
+
+
 def test_unreadable_checkpoint_names_file(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

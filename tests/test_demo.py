@@ -9,7 +9,7 @@ from tests.test_structure import tiny_args
 
 
 def test_structure_trains_in_a_second_process_beside_the_others(tiny_drive, tmp_path):
-    structure_argv = tiny_args(tiny_drive, tmp_path, "--structure.iterations=3")
+    structure_argv = tiny_args(tiny_drive, tmp_path, "--structure.steps=3")
     edge_argv = ["--cfg", "synth_drive.yaml", f"--data.root={tiny_drive}", f"--run.dir={tmp_path}", "--data.size=[32, 32]",
                  "--edge.width=0.125", "--edge.d_width=0.125", "--edge.res_blocks=1", "--edge.batch_size=2",
                  "--edge.val_frames=4", "--edge.steps=2", "--edge.eval_every=2", "--edge.save_every=2"]

@@ -24,7 +24,7 @@ TINY = ["--run.kernel_backend=torch", "--structure.width_mult=0.125", "--structu
         "--structure.stride=1", "--structure.batch_size=4", "--structure.lr=0.002", "--structure.val_clips=2",
         "--structure.sample_clips=1", "--structure.sample_future=4", "--structure.val_future=3",
         "--structure.val_motion_frames=8",
-        "--structure.log_every=1", "--structure.eval_every=1000", "--structure.ckpt_every=1000"]
+        "--structure.log_every=1", "--structure.eval_every=1000", "--structure.save_every=1000"]
 
 
 @pytest.fixture(autouse=True)
@@ -98,7 +98,7 @@ def test_bad_sizes_and_blocks_are_config_errors():
 # ----------------------------------------------------------------------------- training
 
 def test_training_reduces_loss_and_writes_outputs(tiny_drive, tmp_path):
-    result = train_structure.main(tiny_args(tiny_drive, tmp_path, "--structure.iterations=30",
+    result = train_structure.main(tiny_args(tiny_drive, tmp_path, "--structure.steps=30",
                                             "--structure.eval_every=30"))
     losses = [v for _, v in result["history"]["train_loss"]]
     assert len(losses) == 30
@@ -117,7 +117,7 @@ def test_training_reduces_loss_and_writes_outputs(tiny_drive, tmp_path):
 def test_ablation_variants_train_and_generate(tiny_drive, tmp_path, variant):
     # with every optional training trick on
     result = train_structure.main(tiny_args(tiny_drive, tmp_path, f"--structure.variant={variant}",
-                                            "--structure.iterations=2", "--structure.kl_balance=0.8",
+                                            "--structure.steps=2", "--structure.kl_balance=0.8",
                                             "--structure.born_weight=5", "--structure.z_to_decoder=true"))
     model = result["model"].eval()
     assert all(torch.isfinite(torch.tensor(v)) for _, v in result["history"]["train_loss"])
@@ -251,7 +251,7 @@ def test_born_weight_weighs_the_nll_of_born_pixels_only():
 
 def test_ddp_two_ranks_stay_identical(tiny_drive, tmp_path, master_port):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={master_port}",
-               str(ROOT / "train_structure.py"), *tiny_args(tiny_drive, tmp_path, "--structure.iterations=3")]
+               str(ROOT / "train_structure.py"), *tiny_args(tiny_drive, tmp_path, "--structure.steps=3")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -261,16 +261,16 @@ def test_ddp_two_ranks_stay_identical(tiny_drive, tmp_path, master_port):
 
 
 def test_resume_equals_uninterrupted(tiny_drive, tmp_path):
-    straight = train_structure.main(tiny_args(tiny_drive, tmp_path / "a", "--structure.iterations=6"))["model"]
-    train_structure.main(tiny_args(tiny_drive, tmp_path / "b", "--structure.iterations=3"))
-    resumed = train_structure.main(tiny_args(tiny_drive, tmp_path / "b", "--structure.iterations=6", "--resume"))
+    straight = train_structure.main(tiny_args(tiny_drive, tmp_path / "a", "--structure.steps=6"))["model"]
+    train_structure.main(tiny_args(tiny_drive, tmp_path / "b", "--structure.steps=3"))
+    resumed = train_structure.main(tiny_args(tiny_drive, tmp_path / "b", "--structure.steps=6", "--resume"))
     assert resumed["step"] == 6
     pairs = list(zip(straight.state_dict().items(), resumed["model"].state_dict().items()))
     assert pairs and all(na == nb and torch.equal(a, b) for (na, a), (nb, b) in pairs)
 
 
 def test_mismatched_checkpoint_is_refused(tiny_drive, tmp_path):
-    train_structure.main(tiny_args(tiny_drive, tmp_path, "--structure.iterations=1"))
+    train_structure.main(tiny_args(tiny_drive, tmp_path, "--structure.steps=1"))
     path = tmp_path / "structure" / "last.pt"
     assert isinstance(load(path), torch.nn.Module)  # its own config
     with pytest.raises(common.CheckpointError, match=r"data.num_classes=19 but the config says data.num_classes=25"):
@@ -278,11 +278,11 @@ def test_mismatched_checkpoint_is_refused(tiny_drive, tmp_path):
     with pytest.raises(common.CheckpointError, match=r"data.size=\[32, 32\] but the config says data.size=\[64, 64\]"):
         load(path, tiny_cfg(size=(64, 64)))
     with pytest.raises(common.CheckpointError, match="structure.lstm_mult"):
-        train_structure.main(tiny_args(tiny_drive, tmp_path, "--structure.iterations=2", "--structure.lstm_mult=0.25",
+        train_structure.main(tiny_args(tiny_drive, tmp_path, "--structure.steps=2", "--structure.lstm_mult=0.25",
                                        "--resume"))
     # from the command line: one line naming the key, exit status 2, no traceback
     done = subprocess.run([sys.executable, str(ROOT / "train_structure.py"),
-                           *tiny_args(tiny_drive, tmp_path, "--structure.iterations=2", "--structure.h_channels=8",
+                           *tiny_args(tiny_drive, tmp_path, "--structure.steps=2", "--structure.h_channels=8",
                                       "--resume")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "structure.h_channels" in done.stderr and "Traceback" not in done.stderr
 
@@ -354,9 +354,9 @@ def test_budget_is_steps_or_the_clock_whichever_runs_out_first():
     def used(c, step, seconds, last=0.0):
         return train_structure.budget_used(c, step, seconds, last, "cpu")
 
-    steps = tiny_cfg("structure.iterations=100", "structure.log_every=10")
+    steps = tiny_cfg("structure.steps=100", "structure.log_every=10")
     assert used(steps, 49, 0.0)[0] == 0.49 and used(steps, 50, 0.0)[0] == 0.5
-    timed = tiny_cfg("structure.iterations=100", "structure.max_minutes=10", "structure.log_every=10")
+    timed = tiny_cfg("structure.steps=100", "structure.max_minutes=10", "structure.log_every=10")
     assert used(timed, 20, 301.0)[0] == pytest.approx(301 / 600)             # the clock, ahead of 20 / 100 steps
     assert used(timed, 21, 400.0, 0.5)[0] == 0.5                            # read every log_every steps only
     assert used(timed, 90, 1.0)[0] == 0.9                                   # steps, ahead of the clock
@@ -462,7 +462,7 @@ def test_generate_rejects_wrong_batch():
 
 
 def test_time_limit_stops_with_checkpoint_and_validation(tiny_drive, tmp_path):
-    result = train_structure.main(tiny_args(tiny_drive, tmp_path, "--structure.iterations=50",
+    result = train_structure.main(tiny_args(tiny_drive, tmp_path, "--structure.steps=50",
                                             "--structure.max_minutes=0.0001"))
     assert result["step"] == 1 and result["history"]["val"][-1][0] == 1
     assert common.read_checkpoint(tmp_path / "structure" / "last.pt")["step"] == 1
