@@ -570,6 +570,18 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def main_rank_first(fn, *args):
+    """fn(*args) on rank 0, then, after a barrier, on the other ranks; returns its result on every rank.
+    Opening a dataset can generate synthetic data and pack caches: rank 0 writes them once, and the
+    others read what it wrote instead of writing the same files at once."""
+    if _DIST.is_main:
+        result = fn(*args)
+    barrier()
+    if not _DIST.is_main:
+        result = fn(*args)
+    return result
+
+
 # ----------------------------------------------------------------------------- precision
 
 @functools.lru_cache(maxsize=None)

@@ -152,20 +152,13 @@ def write_samples(generator, batch: dict, cfg, palette, path) -> Path:
 
 # ----------------------------------------------------------------------------- main
 
-def open_datasets(cfg, dist):
-    """Rank 0 generates/packs the data first so ranks never write the same files at once."""
-    def load():
-        meta = data.ensure_dataset(cfg)
-        modalities = ("label", "instance")
-        train = ClipDataset(cfg.data.root, "train", 1, 0, 1, modalities=modalities)
-        val = ClipDataset(cfg.data.root, "val", 1, 0, 1, modalities=modalities)
-        return meta, train, val
-    if dist.is_main:
-        result = load()
-    common.barrier()
-    if not dist.is_main:
-        result = load()
-    return result
+def open_datasets(cfg):
+    """The dataset's meta and its train / val clips (single frames with their instance maps)."""
+    meta = data.ensure_dataset(cfg)
+    modalities = ("label", "instance")
+    train = ClipDataset(cfg.data.root, "train", 1, 0, 1, modalities=modalities)
+    val = ClipDataset(cfg.data.root, "val", 1, 0, 1, modalities=modalities)
+    return meta, train, val
 
 
 @common.releases_folder_locks
@@ -183,7 +176,7 @@ def main(argv=None) -> dict:
     device = dist.device
     common.seed_everything(cfg.run.seed)  # the same initial weights on every rank
     run_dir = common.lock_folder(Path(cfg.run.dir) / "edge")
-    meta, train_set, val_set = open_datasets(cfg, dist)
+    meta, train_set, val_set = common.main_rank_first(open_datasets, cfg)  # rank 0 generates / packs first
 
     generator, discriminator = build_model(cfg).to(device), build_discriminator(cfg).to(device)
     opt_g = torch.optim.Adam(generator.parameters(), lr=e.lr, betas=(e.beta1, e.beta2))

@@ -65,6 +65,15 @@ def modalities(ic) -> tuple:
     return ("label", "rgb") + (("instance",) if ic.use_edges else ()) + (("flow",) if ic.use_flow else ())
 
 
+def open_datasets(cfg):
+    """The dataset's meta and its train / val clips (tau real frames, then the frames to generate)."""
+    ic = cfg.image
+    meta = data.ensure_dataset(cfg)
+    train = ClipDataset(cfg.data.root, "train", ic.tau, ic.frames_max, ic.stride, modalities(ic))
+    val = ClipDataset(cfg.data.root, "val", ic.tau, ic.val_frames, ic.stride, modalities(ic))
+    return meta, train, val
+
+
 def prepare_batch(batch: dict, cfg, device, length: int | None = None) -> dict:
     """uint8 / int32 batch -> label channels (B, T, C, H, W), RGB in [-1, 1], flows, first `length` frames."""
     cut = slice(0, length)
@@ -140,17 +149,10 @@ def main(argv=None):
     common.seed_everything(cfg.run.seed)
     run_dir = common.lock_folder(Path(cfg.run.dir) / "image")
 
-    # rank 0 generates the data and packs the caches first; the others then read them
-    datasets = {}
-    for turn in (True, False):
-        if dist.is_main == turn:
-            meta = data.ensure_dataset(cfg)
-            datasets["train"] = ClipDataset(cfg.data.root, "train", ic.tau, ic.frames_max, ic.stride, modalities(ic))
-            datasets["val"] = ClipDataset(cfg.data.root, "val", ic.tau, ic.val_frames, ic.stride, modalities(ic))
-        common.barrier()
-    if tuple(datasets["train"].size) != tuple(cfg.data.size):
-        raise data.DatasetError(f"{cfg.data.root}: frames are {datasets['train'].size}, data.size is {cfg.data.size}")
-    val_batch = fixed_batch(datasets["val"], ic.val_clips)
+    meta, train_set, val_set = common.main_rank_first(open_datasets, cfg)  # rank 0 generates / packs first
+    if tuple(train_set.size) != tuple(cfg.data.size):
+        raise data.DatasetError(f"{cfg.data.root}: frames are {train_set.size}, data.size is {cfg.data.size}")
+    val_batch = fixed_batch(val_set, ic.val_clips)
 
     generator = build_model(cfg).to(device)
     image_d, video_d = build_discriminators(cfg)
@@ -198,7 +200,7 @@ def main(argv=None):
                    f"video D {counts['video_d']:,}; {dist.world_size} rank(s) on {device}, "
                    f"{common.resolve_precision(cfg.run.precision, device)}; "
                    f"perceptual loss {'on' if perceptual is not None else 'off'}")
-    batches = make_loader(datasets["train"], ic.batch_size, cfg.run.seed, step, dist.rank, dist.world_size,
+    batches = make_loader(train_set, ic.batch_size, cfg.run.seed, step, dist.rank, dist.world_size,
                           ic.flip, cfg.run.num_workers)
     adversarial = ic.lambda_gan > 0 or ic.lambda_feat > 0
     tau, tau_d, mode = ic.tau, ic.tau_d, ic.gan_mode
