@@ -114,8 +114,10 @@ class BoundaryGenerator(nn.Module):
         return self.decoder(self.middle(self.encoder(onehot)))
 
 
-class PatchDiscriminator(nn.Module):
-    """(one-hot label, boundary) (B, N+1, H, W) -> list of every layer's activations, patch logits last."""
+class EdgeConnectDiscriminator(nn.Module):
+    """(one-hot label, boundary) (B, N+1, H, W) -> list of every layer's activations, patch logits last.
+    EdgeConnect's PatchGAN (spectral norm, no instance norm, padding 1), not pix2pixHD's that the image
+    generator trains against (image_model.PatchDiscriminator): each generator keeps its paper's critic."""
 
     def __init__(self, in_channels: int, width: float = 1.0, layers: int = 3, spectral: bool = True):
         super().__init__()
@@ -142,9 +144,9 @@ def build_model(cfg) -> BoundaryGenerator:
     return BoundaryGenerator(cfg.data.num_classes, e.width, e.res_blocks, e.dilation, e.spectral_norm)
 
 
-def build_discriminator(cfg) -> PatchDiscriminator:
+def build_discriminator(cfg) -> EdgeConnectDiscriminator:
     e = cfg.edge
-    return PatchDiscriminator(cfg.data.num_classes + 1, e.d_width, e.d_layers, e.spectral_norm)
+    return EdgeConnectDiscriminator(cfg.data.num_classes + 1, e.d_width, e.d_layers, e.spectral_norm)
 
 
 def load(path, cfg=None, device="cpu") -> BoundaryGenerator:
