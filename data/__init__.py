@@ -1,5 +1,5 @@
 """HVP data: the common on-disk layout (layout.py), clips and sampling (clips.py), synthetic
-generators (synthetic.py), real-dataset preparation (prepare.py), rollout outputs (rollout_io.py)."""
+generators (synthetic/), real-dataset preparation (prepare.py), rollout outputs (rollout_io.py)."""
 from data.layout import DatasetError, list_sequences, load_sequence, load_sequence_modalities, read_meta
 
 __all__ = ["ensure_dataset", "DatasetError", "list_sequences", "load_sequence", "load_sequence_modalities", "read_meta"]

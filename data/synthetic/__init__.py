@@ -1,8 +1,8 @@
 """Synthetic datasets in the common layout, generated deterministically from a seed.
 
-    synth-drive  a forward-moving camera on a procedural road (19 Cityscapes trainIds)   data/synth_drive.py
-    synth-dance  one articulated figure dancing (background + 24 DensePose parts)        data/synth_dance.py
-    synth-scroll a side-scrolling landscape at 32x32 (9 classes): pixel-exact motion,     data/synth_scroll.py
+    synth-drive  a forward-moving camera on a procedural road (19 Cityscapes trainIds)   data/synthetic/drive.py
+    synth-dance  one articulated figure dancing (background + 24 DensePose parts)        data/synthetic/dance.py
+    synth-scroll a side-scrolling landscape at 32x32 (9 classes): pixel-exact motion,     data/synthetic/scroll.py
                  random births at the edges (the CPU-scale world)
 
 All three write label, rgb, instance and exact backward flow for every frame:
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from data import synth_dance, synth_drive, synth_scroll
+from data.synthetic import dance as synth_dance, drive as synth_drive, scroll as synth_scroll
 
 GENERATOR_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -287,7 +287,3 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from data.synth_drive import fade, noise2
+from data.synthetic.drive import fade, noise2
 
 CLASSES = ("background", "torso back", "torso front", "right hand", "left hand", "left foot", "right foot",
            "upper leg right back", "upper leg left back", "upper leg right front", "upper leg left front",
