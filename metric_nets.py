@@ -21,7 +21,6 @@ import collections
 import hashlib
 import importlib.metadata
 import importlib.util
-import os
 import pickle
 import zipfile
 from dataclasses import dataclass

@@ -6,11 +6,12 @@
     python train_image.py --cfg synth_drive.yaml --image.steps=300 --run.precision=bf16
 
 Trained on ground-truth label maps (boundaries from the instance maps when image.use_edges); at
-rollout it is fed predicted structures through ImageGenerator.init_state / step (image_model.load). The first tau frames of every clip are real; the generator then produces the
-rest one frame at a time from its own (detached) previous frames. The image discriminator judges
-one random generated frame with its label map (phi_I), the video discriminators tau' frames at
-steps 1, tau', ... with the ground-truth flows between them (phi_V). Losses: LSGAN (or hinge),
-feature matching, VGG16 perceptual, flow (exact synthetic flow), warp, optional pixel L1.
+rollout it is fed predicted structures through ImageGenerator.init_state / step (image_model.load).
+The first tau frames of every clip are real; the generator then produces the rest one frame at a
+time from its own (detached) previous frames. The image discriminator judges one random generated
+frame with its label map (phi_I), the video discriminators tau' frames at steps 1, tau', ... with the
+ground-truth flows between them (phi_V). Losses: LSGAN (or hinge), feature matching, VGG16
+perceptual, flow (exact synthetic flow), warp, optional pixel L1.
 Writes RUN/image/: last.pt (+ last.yaml), samples/step_*.gif (labels | generated | real),
 samples/final.mp4, loss.png, log.txt.
 """

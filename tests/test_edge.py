@@ -204,9 +204,9 @@ def test_a_few_steps_reduce_the_loss(toy_root):
     before = error()
     losses = [train_edge.train_step(generator, discriminator, opt_g, opt_d, scalers, labels, truth, cfg, step)
               for step in range(10)]
-    assert all(np.isfinite(list(l.values())).all() for l in losses)
-    assert losses[-1]["g_bce"] < 0.7 * losses[0]["g_bce"], [l["g_bce"] for l in losses]
-    assert min(l["g_fm"] for l in losses[1:]) < 0.85 * losses[0]["g_fm"], [l["g_fm"] for l in losses]
+    assert all(np.isfinite(list(step.values())).all() for step in losses)
+    assert losses[-1]["g_bce"] < 0.7 * losses[0]["g_bce"], [step["g_bce"] for step in losses]
+    assert min(step["g_fm"] for step in losses[1:]) < 0.85 * losses[0]["g_fm"], [step["g_fm"] for step in losses]
     assert error() < 0.8 * before, (before, error())
 
 

@@ -323,7 +323,6 @@ def make_big_vehicle(rng, inst, facing, label):
     if label == BUS:
         length, height = rng.uniform(10.5, 12.0), rng.uniform(3.0, 3.2)
         col = ((215, 190, 40), (200, 40, 35), (230, 230, 225), (40, 90, 160))[rng.integers(4)]
-        body = flat(col, 0.03)
 
         def bus_side(a, b, ma, mb, col=_rgb(*col), length=length):
             out = col[None] * np.ones((len(a), 1), np.float32)
