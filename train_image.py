@@ -26,9 +26,9 @@ import common
 import data
 import kernels
 from data.clips import ClipDataset, fixed_batch, make_loader
+from edge_model import true_boundaries
 from image_model import (ARCH_KEYS, FLOW_SCALE, ImageGenerator, PerceptualLoss, build_discriminators, build_model,
                          chain_flows, feature_matching, gan_loss, label_input)
-from edge_model import true_boundaries
 
 
 def check_config(cfg) -> None:
