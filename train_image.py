@@ -140,6 +140,108 @@ def write_samples(path: Path, val_batch: dict, frames: torch.Tensor, meta: dict,
 # ----------------------------------------------------------------------------- training
 
 @common.releases_folder_locks
+def train_step(nets: dict, optimizers: dict, scaler, inputs: dict, cfg, step: int, rank: int) -> dict | None:
+    """One step on a batch of clips (prepare_batch): the generator against the discriminators as they are,
+    then the discriminators on real against the detached generated frames. The sampling operators (phi_I:
+    one frame per clip; phi_V: tau' frames frame_step apart per temporal scale the clip can fill) are drawn
+    from (seed, step, rank), so a resumed run draws what the uninterrupted one did. Returns the losses
+    (detached), or None when the generator's loss was not finite and the step was skipped."""
+    ic = cfg.image
+    tau, tau_d, mode = ic.tau, ic.tau_d, ic.gan_mode
+    adversarial = ic.lambda_gan > 0 or ic.lambda_feat > 0
+    image_d, video_d, image_d_ddp, video_d_ddp = (nets[k] for k in ("image_d", "video_d", "image_d_ddp", "video_d_ddp"))
+    perceptual, discriminators = nets["perceptual"], [nets["image_d"], *nets["video_d"]]
+    label_channels, real = inputs["label_channels"], inputs["real"]
+    device, (batch_size, length) = real.device, (real.shape[0], real.shape[1] - tau)
+    rows = torch.arange(batch_size, device=device)
+    real_future = real[:, tau:]
+    ramp = 1.0 if ic.gan_warmup == 0 else min(1.0, step / ic.gan_warmup)
+
+    draws = torch.Generator().manual_seed((cfg.run.seed * 1_000_003 + step) * 64 + rank)
+    image_index = torch.randint(length, (batch_size,), generator=draws).to(device)
+    windows = []
+    for scale in range(ic.temporal_scales):
+        frame_step = tau_d ** scale
+        span = (tau_d - 1) * frame_step + 1
+        if span <= length:
+            start = torch.randint(length - span + 1, (batch_size,), generator=draws).to(device)
+            windows.append((scale, frame_step, start[:, None] + frame_step * torch.arange(tau_d, device=device)))
+
+    keep_previous = None
+    if ic.context_dropout > 0:
+        keep_previous = (torch.rand(batch_size, length, generator=draws) >= ic.context_dropout).float().to(device)
+    with common.autocast(device, cfg.run.precision):
+        out = nets["generator"](label_channels, real, keep_previous)
+    fake, hallucinated, flow = out["frames"], out["hallucinated"], out["flow"]
+
+    # discriminator inputs: (real, composite, hallucination) stacked on the batch axis
+    condition = label_channels[rows, tau + image_index]
+    image_input = torch.cat([torch.cat((condition, x[rows, image_index]), 1)
+                             for x in (real_future, fake, hallucinated)])
+    video_inputs = []
+    for scale, frame_step, index in windows:
+        flows = [video_flows(inputs["flow"], tau + index, frame_step)] if ic.use_flow else []
+        video_inputs.append((scale, torch.cat([torch.cat([x[rows[:, None], index].flatten(1, 2)] + flows, 1)
+                                               for x in (real_future, fake)])))
+
+    # ---- generator, against the discriminators as they are now (frozen, called outside DDP)
+    for d in discriminators:
+        d.requires_grad_(False)
+    terms = {}
+    with common.autocast(device, cfg.run.precision):
+        if adversarial:
+            real_out, comp_out, hall_out = _split(image_d(image_input), 3)
+            terms["gan"] = gan_loss(comp_out, True, mode, False) + gan_loss(hall_out, True, mode, False)
+            terms["feat"] = feature_matching(comp_out, real_out) + feature_matching(hall_out, real_out)
+            for scale, video_input in video_inputs:
+                real_out, fake_out = _split(video_d[scale](video_input), 2)
+                terms["gan"] = terms["gan"] + gan_loss(fake_out, True, mode, False)
+                terms["feat"] = terms["feat"] + feature_matching(fake_out, real_out)
+        if perceptual is not None:
+            terms["vgg"] = perceptual(torch.cat((fake, hallucinated), 1).flatten(0, 1),
+                                      real_future.flatten(0, 1), groups=2)
+    for d in discriminators:
+        d.requires_grad_(True)
+    if ic.lambda_l1 > 0:
+        terms["l1"] = (fake - real_future).abs().mean() + (hallucinated - real_future).abs().mean()
+    if ic.use_flow and ic.lambda_flow > 0:
+        terms["flow"] = (flow - inputs["flow"][:, tau:]).abs().mean()
+    if ic.lambda_warp > 0:
+        warped = kernels.warp(real[:, tau - 1:-1].flatten(0, 1), flow.flatten(0, 1))
+        terms["warp"] = (warped - real_future.flatten(0, 1)).abs().mean()
+    weights = {"gan": ramp * ic.lambda_gan, "feat": ramp * ic.lambda_feat, "vgg": ic.lambda_vgg,
+               "l1": ic.lambda_l1, "flow": ic.lambda_flow, "warp": ic.lambda_warp}
+    loss_g = sum(weights[k] * v for k, v in terms.items())
+
+    loss_d = torch.zeros((), device=device)
+    updated = common.loss_is_finite(loss_g, step, cfg.run.on_nonfinite)
+    if updated:
+        optimizers["generator"].zero_grad(set_to_none=True)
+        scaler.scale(loss_g).backward()
+        scaler.step(optimizers["generator"])
+    # ---- discriminators: real against the detached generated frames
+    if updated and adversarial:
+        with common.autocast(device, cfg.run.precision):
+            real_out, comp_out, hall_out = _split(image_d_ddp(image_input.detach()), 3)
+            loss_d = 0.5 * (gan_loss(real_out, True, mode, True) + 0.5 * (
+                gan_loss(comp_out, False, mode, True) + gan_loss(hall_out, False, mode, True)))
+            for scale, video_input in video_inputs:
+                real_out, fake_out = _split(video_d_ddp[scale](video_input.detach()), 2)
+                loss_d = loss_d + 0.5 * (gan_loss(real_out, True, mode, True)
+                                         + gan_loss(fake_out, False, mode, True))
+        if common.loss_is_finite(loss_d, step, cfg.run.on_nonfinite):
+            optimizers["image_d"].zero_grad(set_to_none=True)
+            optimizers["video_d"].zero_grad(set_to_none=True)
+            scaler.scale(loss_d).backward()
+            scaler.step(optimizers["image_d"])
+            if video_inputs:  # no video sample fits the shortest clips: nothing to step
+                scaler.step(optimizers["video_d"])
+    if not updated:
+        return None
+    scaler.update()
+    return {k: v.detach().float() for k, v in {"loss_g": loss_g, "loss_d": loss_d, **terms}.items()}
+
+
 def main(argv=None):
     cfg, args = common.parse_args(argv, description=__doc__)
     check_config(cfg)
@@ -203,9 +305,9 @@ def main(argv=None):
                    f"perceptual loss {'on' if perceptual is not None else 'off'}")
     batches = make_loader(train_set, ic.batch_size, cfg.run.seed, step, dist.rank, dist.world_size,
                           ic.flip, cfg.run.num_workers)
-    adversarial = ic.lambda_gan > 0 or ic.lambda_feat > 0
-    tau, tau_d, mode = ic.tau, ic.tau_d, ic.gan_mode
-    discriminators = [image_d, *video_d]
+    nets = {"generator": generator_ddp, "image_d": image_d, "video_d": video_d, "image_d_ddp": image_d_ddp,
+            "video_d_ddp": video_d_ddp, "perceptual": perceptual}
+    tau = ic.tau
     running, running_count, metrics = {}, 0, None
 
     def save():
@@ -237,105 +339,15 @@ def main(argv=None):
         while step < ic.steps:
             length = clip_frames(ic, step)
             inputs = prepare_batch(next(batches), cfg, device, tau + length)
-            label_channels, real = inputs["label_channels"], inputs["real"]
-            batch_size = real.shape[0]
-            rows = torch.arange(batch_size, device=device)
-            real_future = real[:, tau:]
-            ramp = 1.0 if ic.gan_warmup == 0 else min(1.0, step / ic.gan_warmup)
-
-            # sampling operators: phi_I one frame per clip, phi_V tau' frames frame_step apart for every
-            # temporal scale the clip length can fill; drawn from (seed, step, rank) so a resumed run
-            # draws exactly what the uninterrupted one did
-            draws = torch.Generator().manual_seed((cfg.run.seed * 1_000_003 + step) * 64 + dist.rank)
-            image_index = torch.randint(length, (batch_size,), generator=draws).to(device)
-            windows = []
-            for scale in range(ic.temporal_scales):
-                frame_step = tau_d ** scale
-                span = (tau_d - 1) * frame_step + 1
-                if span <= length:
-                    start = torch.randint(length - span + 1, (batch_size,), generator=draws).to(device)
-                    windows.append((scale, frame_step, start[:, None] + frame_step * torch.arange(tau_d, device=device)))
-
-            keep_previous = None
-            if ic.context_dropout > 0:
-                keep_previous = (torch.rand(batch_size, length, generator=draws) >= ic.context_dropout).float().to(device)
-            with common.autocast(device, cfg.run.precision):
-                out = generator_ddp(label_channels, real, keep_previous)
-            fake, hallucinated, flow = out["frames"], out["hallucinated"], out["flow"]
-
-            # discriminator inputs: (real, composite, hallucination) stacked on the batch axis
-            condition = label_channels[rows, tau + image_index]
-            image_input = torch.cat([torch.cat((condition, x[rows, image_index]), 1)
-                                     for x in (real_future, fake, hallucinated)])
-            video_inputs = []
-            for scale, frame_step, index in windows:
-                flows = [video_flows(inputs["flow"], tau + index, frame_step)] if ic.use_flow else []
-                video_inputs.append((scale, torch.cat([torch.cat([x[rows[:, None], index].flatten(1, 2)] + flows, 1)
-                                                       for x in (real_future, fake)])))
-
-            # ---- generator, against the discriminators as they are now (frozen, called outside DDP)
-            for d in discriminators:
-                d.requires_grad_(False)
-            terms = {}
-            with common.autocast(device, cfg.run.precision):
-                if adversarial:
-                    real_out, comp_out, hall_out = _split(image_d(image_input), 3)
-                    terms["gan"] = gan_loss(comp_out, True, mode, False) + gan_loss(hall_out, True, mode, False)
-                    terms["feat"] = feature_matching(comp_out, real_out) + feature_matching(hall_out, real_out)
-                    for scale, video_input in video_inputs:
-                        real_out, fake_out = _split(video_d[scale](video_input), 2)
-                        terms["gan"] = terms["gan"] + gan_loss(fake_out, True, mode, False)
-                        terms["feat"] = terms["feat"] + feature_matching(fake_out, real_out)
-                if perceptual is not None:
-                    terms["vgg"] = perceptual(torch.cat((fake, hallucinated), 1).flatten(0, 1),
-                                              real_future.flatten(0, 1), groups=2)
-            for d in discriminators:
-                d.requires_grad_(True)
-            if ic.lambda_l1 > 0:
-                terms["l1"] = (fake - real_future).abs().mean() + (hallucinated - real_future).abs().mean()
-            if ic.use_flow and ic.lambda_flow > 0:
-                terms["flow"] = (flow - inputs["flow"][:, tau:]).abs().mean()
-            if ic.lambda_warp > 0:
-                warped = kernels.warp(real[:, tau - 1:-1].flatten(0, 1), flow.flatten(0, 1))
-                terms["warp"] = (warped - real_future.flatten(0, 1)).abs().mean()
-            weights = {"gan": ramp * ic.lambda_gan, "feat": ramp * ic.lambda_feat, "vgg": ic.lambda_vgg,
-                       "l1": ic.lambda_l1, "flow": ic.lambda_flow, "warp": ic.lambda_warp}
-            loss_g = sum(weights[k] * v for k, v in terms.items())
-
-            loss_d = torch.zeros((), device=device)
-            updated = common.loss_is_finite(loss_g, step, cfg.run.on_nonfinite)
-            if updated:
-                optimizers["generator"].zero_grad(set_to_none=True)
-                scaler.scale(loss_g).backward()
-                scaler.step(optimizers["generator"])
-            # ---- discriminators: real against the detached generated frames
-            if updated and adversarial:
-                with common.autocast(device, cfg.run.precision):
-                    real_out, comp_out, hall_out = _split(image_d_ddp(image_input.detach()), 3)
-                    loss_d = 0.5 * (gan_loss(real_out, True, mode, True) + 0.5 * (
-                        gan_loss(comp_out, False, mode, True) + gan_loss(hall_out, False, mode, True)))
-                    for scale, video_input in video_inputs:
-                        real_out, fake_out = _split(video_d_ddp[scale](video_input.detach()), 2)
-                        loss_d = loss_d + 0.5 * (gan_loss(real_out, True, mode, True)
-                                                 + gan_loss(fake_out, False, mode, True))
-                if common.loss_is_finite(loss_d, step, cfg.run.on_nonfinite):
-                    optimizers["image_d"].zero_grad(set_to_none=True)
-                    optimizers["video_d"].zero_grad(set_to_none=True)
-                    scaler.scale(loss_d).backward()
-                    scaler.step(optimizers["image_d"])
-                    if video_inputs:  # no video sample fits the shortest clips: nothing to step
-                        scaler.step(optimizers["video_d"])
-            if updated:
-                scaler.update()
+            losses = train_step(nets, optimizers, scaler, inputs, cfg, step, dist.rank)
             for scheduler in schedulers.values():
                 scheduler.step()
             step += 1
             progress.update(1)
 
-            if updated:
-                values = {"loss_g": loss_g, "loss_d": loss_d, **terms}
-                for key, value in values.items():
-                    running[key] = running.get(key, 0.0) + value.detach().float()
+            if losses is not None:
+                for key, value in losses.items():
+                    running[key] = running.get(key, 0.0) + value
                 running_count += 1
             if step % ic.log_every == 0 or step == ic.steps:
                 names = sorted(running)

@@ -74,6 +74,26 @@ def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ig
     return {"loss": loss, "nll": recon.detach().mean(), "kl": kl.detach().mean()}
 
 
+def train_step(trained, optimizer, scaler, frames: torch.Tensor, cfg, step: int, ignore_index: int,
+               born_weight: float) -> dict:
+    """One optimiser step on a batch of clips (B, T, H, W), teacher forced with z from the posterior;
+    `trained` is the model or its DDP wrapper. Returns clip_loss's values; a non-finite loss skips the
+    update (or stops, run.on_nonfinite)."""
+    s, model = cfg.structure, common.unwrap(trained)
+    with common.autocast(frames.device, cfg.run.precision):
+        result = trained(frames, s.n_past)
+    losses = clip_loss(model, result, frames, cfg, ignore_index, born_weight)
+    optimizer.zero_grad(set_to_none=True)
+    if common.loss_is_finite(losses["loss"], step, cfg.run.on_nonfinite):
+        scaler.scale(losses["loss"]).backward()
+        if s.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    return losses
+
+
 def miou(pred: torch.Tensor, truth: torch.Tensor, num_classes: int) -> float:
     """evaluate.py's mIoU (classes present in truth or prediction, void skipped), pooled over all frames."""
     return mean_iou(confusion_matrix(pred.cpu().numpy(), truth.cpu().numpy(), num_classes))
@@ -257,17 +277,7 @@ def main(argv=None) -> dict:
             # decayed to 0 over the budget, the weight opens the latent early and leaves a calibrated decoder
             born_weight = s.born_weight * ((1 - used) if s.born_weight_decay else 1.0)
             frames = next(loader)[modality].to(device, non_blocking=True)
-            with common.autocast(device, cfg.run.precision):
-                result = trained(frames, s.n_past)
-            losses = clip_loss(model, result, frames, cfg, ignore_index, born_weight)
-            optimizer.zero_grad(set_to_none=True)
-            if common.loss_is_finite(losses["loss"], step, cfg.run.on_nonfinite):
-                scaler.scale(losses["loss"]).backward()
-                if s.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
+            losses = train_step(trained, optimizer, scaler, frames, cfg, step, ignore_index, born_weight)
             step += 1
             bar.update(1)
             if step % s.log_every == 0:
