@@ -727,15 +727,10 @@ def check_compatible(payload: dict, cfg: Config, keys: list[str], path="checkpoi
             raise CheckpointError(f"{path} was trained with {key}={old!r} but the config says {key}={new!r}")
 
 
-def load_checkpoint(path, *, modules: dict, optimizers: dict | None = None, schedulers: dict | None = None,
-                    scalers: dict | None = None, cfg: Config | None = None, check_keys=(),
-                    restore_rng: bool = True) -> dict:
-    """Restore state in place; returns the payload (step, extra, config)."""
-    payload = read_checkpoint(path)
-    if cfg is not None:
-        check_compatible(payload, cfg, list(check_keys), path)
-    for group_name, group in (("modules", modules), ("optimizers", optimizers or {}),
-                              ("schedulers", schedulers or {}), ("scalers", scalers or {})):
+def _restore(payload: dict, path, **groups: dict) -> None:
+    """load_state_dict of every object in groups (modules=..., optimizers=...) from the payload's group of
+    the same name; a missing or ill-fitting entry is a CheckpointError naming it."""
+    for group_name, group in groups.items():
         for name, obj in group.items():
             if name not in payload[group_name]:
                 raise CheckpointError(f"{path} has no {group_name[:-1]} {name!r}")
@@ -744,6 +739,17 @@ def load_checkpoint(path, *, modules: dict, optimizers: dict | None = None, sche
                 target.load_state_dict(payload[group_name][name])
             except (RuntimeError, ValueError, KeyError) as e:
                 raise CheckpointError(f"{path}: {group_name[:-1]} {name!r} does not fit: {str(e).splitlines()[0]}") from None
+
+
+def load_checkpoint(path, *, modules: dict, optimizers: dict | None = None, schedulers: dict | None = None,
+                    scalers: dict | None = None, cfg: Config | None = None, check_keys=(),
+                    restore_rng: bool = True) -> dict:
+    """Restore state in place; returns the payload (step, extra, config)."""
+    payload = read_checkpoint(path)
+    if cfg is not None:
+        check_compatible(payload, cfg, list(check_keys), path)
+    _restore(payload, path, modules=modules, optimizers=optimizers or {}, schedulers=schedulers or {},
+             scalers=scalers or {})
     if restore_rng:
         states = payload["rng"]
         set_rng_state(states[_DIST.rank] if len(states) == _DIST.world_size else states[0])
@@ -762,14 +768,11 @@ def load_trained(path, module: str, build, cfg: Config | None = None, check_keys
     payload = read_checkpoint(path)
     if cfg is not None:
         check_compatible(payload, cfg, list(check_keys), path)
-    if module not in payload["modules"]:
+    if module not in payload["modules"]:   # before building a model from the config of something else
         raise CheckpointError(f"{path} holds {sorted(payload['modules'])}, not a {module!r} network")
     trained_config = saved_config(payload)
     model = build(trained_config)
-    try:
-        model.load_state_dict(payload["modules"][module])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the model: {str(e).splitlines()[0]}") from None
+    _restore(payload, path, modules={module: model})
     model.trained_config = trained_config
     model.checkpoint_identity = {"sha256": file_sha256(path)[:16], "step": int(payload["step"]), "path": str(path)}
     return model.to(device).eval()

@@ -513,12 +513,18 @@ class StructureModel(nn.Module):
         """Encode true/argmax frames (uint8) or a float feedback x (softmax, RGB) into the state's code/skips."""
         # the first observed frame is its own previous one, as in training
         code, skips = self.encode_input(frames, x, state.frame if state.observed else None)
+        self._store(state, code, skips if update_skips else None, frames)
+        return code
+
+    @staticmethod
+    def _store(state: RolloutState, code, skips, frame) -> None:
+        """The encoding of the newest frame becomes the state's h_{t-1} (and skips, unless None); the frame
+        itself is kept where the model reads each frame with the one before."""
         state.code.copy_(code)
-        if update_skips:
+        if skips is not None:
             _assign(state.skips, skips)
         if state.frame is not None:
-            state.frame.copy_(frames)
-        return code
+            state.frame.copy_(frame)
 
     def _rows(self, state: RolloutState, frame: torch.Tensor) -> torch.Tensor:
         if frame.shape[0] == state.batch and state.samples > 1:
@@ -546,10 +552,7 @@ class StructureModel(nn.Module):
                 for buffers, values in zip(state.lstm["posterior"], post_new):
                     _assign(buffers, values)
             self._advance(state, z, generator)
-            state.code.copy_(code)
-            _assign(state.skips, skips)
-            if state.frame is not None:
-                state.frame.copy_(frame)
+            self._store(state, code, skips, frame)
         state.observed += 1
         return state
 
