@@ -195,6 +195,7 @@ _RANGES = [
       "*.z_channels", "*.posterior_layers", "*.predictor_layers", "*.prior_components", "*.z_pool", "*.val_clips",
       "*.val_frames", "*.val_future", "*.sample_clips", "*.sample_frames", "*.sample_future", "*.frames_start",
       "*.frames_max", "*.double_every", "*.video_scale", "rollout.batch"), ">= 1"),
+    (("run.num_workers",), ">= -1"),
 ]
 
 
@@ -212,6 +213,8 @@ def _in_range(value, rule: str) -> bool:
         return value >= 1
     if rule == ">= 0":
         return value >= 0
+    if rule == ">= -1":
+        return value >= -1
     if rule == "in [0, 1)":
         return 0 <= value < 1
     return 0 <= value <= 1                                                      # in [0, 1]
@@ -523,6 +526,18 @@ def setup_distributed(device_preference: str = "auto") -> Dist:
     return _DIST
 
 
+def loader_workers(requested: int, device: torch.device) -> int:
+    """run.num_workers, -1 resolved: on CUDA 4 worker processes per rank (at most the CPUs each rank has), so
+    that decoding and collation overlap the GPU's step; on CPU none, since workers would take the cores the
+    step runs on."""
+    if requested >= 0:
+        return requested
+    if device.type != "cuda":
+        return 0
+    per_rank = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(4, per_rank - 1))
+
+
 def cleanup_distributed(failed: bool = False) -> None:
     """Leave the process group; after a failure without the closing barrier, which the ranks that did not
     fail would never reach (the job would hang instead of exiting)."""
@@ -795,8 +810,9 @@ class StopSignal:
 
     signalled = False  # any instance, this process: main_guard then exits with EXIT_STOPPED
 
-    def __init__(self):
+    def __init__(self, every: int = 1):
         self.requested = False
+        self.every = every  # under torchrun, steps between the ranks' comparisons of their flags
         self._previous = {}
 
     def _handle(self, signum, frame):
@@ -817,12 +833,15 @@ class StopSignal:
             signal.signal(sig, handler)
         return False
 
-    def should_stop(self) -> bool:
-        """All ranks stop together if any rank was signalled."""
-        flag = torch.tensor([float(self.requested)])
-        if _DIST.enabled:
-            flag = flag.to(_DIST.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    def should_stop(self, step: int | None = None) -> bool:
+        """All ranks stop together if any rank was signalled. Under torchrun the flags are compared (an
+        all-reduce read on the host) only at steps that are multiples of `every`; other steps answer False."""
+        if not _DIST.enabled:
+            return self.requested
+        if step is not None and step % self.every:
+            return False
+        flag = torch.tensor([float(self.requested)], device=_DIST.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
 
@@ -830,20 +849,59 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def loss_is_finite(loss: torch.Tensor, step: int, policy: str) -> bool:
-    """policy 'stop' raises (the last good checkpoint stays intact); 'skip' returns False to skip the step."""
-    finite = torch.isfinite(loss.detach())
+def _finite_on_all_ranks(finite: torch.Tensor) -> bool:
     if _DIST.enabled:
         flag = finite.float().reshape(1)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         finite = flag.bool()[0]
-    if bool(finite):
+    return bool(finite)
+
+
+def _nonfinite_hint() -> str:
+    return "last checkpoint kept; set run.on_nonfinite=skip to skip such steps"
+
+
+def loss_is_finite(loss: torch.Tensor, step: int, policy: str) -> bool:
+    """policy 'stop' raises (the last good checkpoint stays intact); 'skip' returns False to skip the step."""
+    if _finite_on_all_ranks(torch.isfinite(loss.detach())):
         return True
     if policy == "skip":
         log(f"step {step}: non-finite loss, skipping the update")
         return False
-    raise NonFiniteLoss(f"step {step}: loss is {loss.item()}; stopping (last checkpoint kept; "
-                        f"set run.on_nonfinite=skip to skip such steps)")
+    raise NonFiniteLoss(f"step {step}: loss is {loss.item()}; stopping ({_nonfinite_hint()})")
+
+
+class FiniteLosses:
+    """run.on_nonfinite for a training loop without a host synchronisation per loss. `stop`: the losses'
+    finiteness is gathered on the device and read every run.sync_every steps (`check(step, due_only=True)`)
+    and before every checkpoint (`check(step)`), so the run stops within sync_every steps of a non-finite loss
+    and its weights never reach a checkpoint. `skip`: each loss is read at once (`ok`), since skipping its
+    update needs the answer."""
+
+    def __init__(self, cfg):
+        self.policy, self.every = cfg.run.on_nonfinite, cfg.run.sync_every
+        self.pending, self.steps = None, None  # the unread flag and the first and last step it covers
+
+    def ok(self, loss: torch.Tensor, step: int) -> bool:
+        """Whether to apply this loss's update."""
+        if self.policy == "skip":
+            return loss_is_finite(loss, step, "skip")
+        finite = torch.isfinite(loss.detach())
+        if self.pending is None:
+            self.pending, self.steps = finite, (step, step)
+        else:
+            self.pending, self.steps = self.pending & finite, (self.steps[0], step)
+        return True
+
+    def check(self, step: int, due_only: bool = False) -> None:
+        """Raise NonFiniteLoss if a loss since the last check was not finite (on any rank); with due_only, only
+        at multiples of run.sync_every."""
+        if self.pending is None or (due_only and step % self.every):
+            return
+        finite, self.pending = self.pending, None
+        if not _finite_on_all_ranks(finite):
+            first, last = self.steps
+            raise NonFiniteLoss(f"a non-finite loss at a step in {first}..{last}; stopping ({_nonfinite_hint()})")
 
 
 # ----------------------------------------------------------------------------- videos, images and plots

@@ -64,9 +64,10 @@ def set_requires_grad(module: nn.Module, flag: bool) -> None:
         p.requires_grad_(flag)
 
 
-def train_step(generator, discriminator, opt_g, opt_d, scalers, labels, truth, cfg, step: int) -> dict | None:
-    """One discriminator then one generator update on a batch of frames; returns the losses (floats),
-    or None when the discriminator loss was non-finite and run.on_nonfinite=skip skipped the step.
+def train_step(generator, discriminator, opt_g, opt_d, scalers, labels, truth, cfg, step: int,
+               finite: common.FiniteLosses) -> dict | None:
+    """One discriminator then one generator update on a batch of frames; returns the losses (detached, on
+    the device), or None when the discriminator loss was non-finite and run.on_nonfinite=skip skipped the step.
 
     labels (B, H, W) uint8, truth (B, H, W) bool. generator/discriminator may be DDP-wrapped; the
     generator's loss goes through the unwrapped discriminator with its weights frozen, so only the
@@ -88,7 +89,7 @@ def train_step(generator, discriminator, opt_g, opt_d, scalers, labels, truth, c
         d_logits = discriminator(torch.cat([real, fake.detach()], 0))[-1].float()
         real_logits, fake_logits = d_logits.chunk(2)
         d_loss = 0.5 * (F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean())
-    if not common.loss_is_finite(d_loss, step, cfg.run.on_nonfinite):
+    if not finite.ok(d_loss, step):
         return None
     opt_d.zero_grad(set_to_none=True)
     scalers["d"].scale(d_loss).backward()
@@ -104,8 +105,8 @@ def train_step(generator, discriminator, opt_g, opt_d, scalers, labels, truth, c
         g_bce = F.binary_cross_entropy_with_logits(logits.float(), truth[:, None].float())
         g_loss = e.adv_weight * g_adv + e.fm_weight * g_fm + e.bce_weight * g_bce
     set_requires_grad(d_plain, True)
-    losses = {"d": d_loss.item(), "g_adv": g_adv.item(), "g_fm": g_fm.item(), "g_bce": g_bce.item()}
-    if not common.loss_is_finite(g_loss, step, cfg.run.on_nonfinite):
+    losses = {"d": d_loss.detach(), "g_adv": g_adv.detach(), "g_fm": g_fm.detach(), "g_bce": g_bce.detach()}
+    if not finite.ok(g_loss, step):
         return losses
     opt_g.zero_grad(set_to_none=True)
     scalers["g"].scale(g_loss).backward()
@@ -198,14 +199,17 @@ def main(argv=None) -> dict:
         discriminator = torch.nn.parallel.DistributedDataParallel(discriminator, **ddp_args)
 
     loader = make_loader(train_set, e.batch_size, cfg.run.seed, start_step, dist.rank, dist.world_size,
-                         flip=e.flip, num_workers=cfg.run.num_workers)
+                         flip=e.flip, num_workers=common.loader_workers(cfg.run.num_workers, device))
     val_batch = fixed_batch(val_set, e.val_frames)
     n_params = common.count_parameters(generator)
     common.log(f"edge: {len(train_set)} train frames, {len(val_batch['label'])} val frames, generator "
                f"{n_params / 1e6:.2f}M params, {dist.world_size} process(es) x batch {e.batch_size}, device {device}, "
                f"{common.resolve_precision(cfg.run.precision, device)}")
 
+    finite = common.FiniteLosses(cfg)
+
     def save(step):
+        finite.check(step)  # no non-finite weights in a checkpoint
         common.save_checkpoint(run_dir / "last.pt", step=step, cfg=cfg,
                                modules={"generator": generator, "discriminator": discriminator},
                                optimizers={"g": opt_g, "d": opt_d}, scalers=scalers,
@@ -229,28 +233,30 @@ def main(argv=None) -> dict:
     progress = common.progress(range(start_step, e.steps), initial=start_step, total=e.steps,
                                disable=not dist.is_main, desc="edge")
     done = start_step
-    with common.StopSignal() as stop:
+    with common.StopSignal(cfg.run.sync_every) as stop:
         for step in progress:
             tick, cpu_tick = time.perf_counter(), time.process_time()
             batch = next(loader)
             labels = batch["label"][:, 0].to(device, non_blocking=True)
             truth = true_boundaries(labels, batch["instance"][:, 0].to(device, non_blocking=True), e.boundary_source)
-            losses = train_step(generator, discriminator, opt_g, opt_d, scalers, labels, truth, cfg, step)
+            losses = train_step(generator, discriminator, opt_g, opt_d, scalers, labels, truth, cfg, step, finite)
             clock["train_seconds"] += time.perf_counter() - tick
             clock["train_cpu_seconds"] += time.process_time() - cpu_tick
             done = step + 1
-            if losses is not None:
+            if losses is not None:  # kept on the device until a log point: no host read per step
                 for k, v in losses.items():
                     window.setdefault(k, []).append(v)
-                progress.set_postfix(d=f"{losses['d']:.3f}", adv=f"{losses['g_adv']:.3f}", fm=f"{losses['g_fm']:.3f}",
-                                     refresh=False)
+            finite.check(done, due_only=True)
             if done % e.log_every == 0 and window:
-                for k, values in window.items():
-                    history.setdefault(k, []).append((done, float(np.mean(values))))
+                means = {k: float(torch.stack(values).float().mean()) for k, values in window.items()}
+                for k, mean in means.items():
+                    history.setdefault(k, []).append((done, mean))
+                progress.set_postfix(d=f"{means['d']:.3f}", adv=f"{means['g_adv']:.3f}", fm=f"{means['g_fm']:.3f}",
+                                     refresh=False)
                 window = {}
             if dist.is_main and (done % e.eval_every == 0 or done == e.steps):
                 scores = log_validation(done)
-            if stop.should_stop():
+            if stop.should_stop(done):
                 save(done)
                 common.log(f"stopped at step {done}; resume with --resume")
                 break

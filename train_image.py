@@ -139,13 +139,14 @@ def write_samples(path: Path, val_batch: dict, frames: torch.Tensor, meta: dict,
 
 # ----------------------------------------------------------------------------- training
 
-@common.releases_folder_locks
-def train_step(nets: dict, optimizers: dict, scaler, inputs: dict, cfg, step: int, rank: int) -> dict | None:
+def train_step(nets: dict, optimizers: dict, scaler, inputs: dict, cfg, step: int, rank: int,
+               finite: common.FiniteLosses) -> dict | None:
     """One step on a batch of clips (prepare_batch): the generator against the discriminators as they are,
     then the discriminators on real against the detached generated frames. The sampling operators (phi_I:
     one frame per clip; phi_V: tau' frames frame_step apart per temporal scale the clip can fill) are drawn
-    from (seed, step, rank), so a resumed run draws what the uninterrupted one did. Returns the losses
-    (detached), or None when the generator's loss was not finite and the step was skipped."""
+    from (seed, step, rank) on the device, so a resumed run draws what the uninterrupted one did. Returns the
+    losses (detached, on the device), or None when the generator's loss was not finite and the step was
+    skipped (run.on_nonfinite, through `finite`)."""
     ic = cfg.image
     tau, tau_d, mode = ic.tau, ic.tau_d, ic.gan_mode
     adversarial = ic.lambda_gan > 0 or ic.lambda_feat > 0
@@ -157,19 +158,19 @@ def train_step(nets: dict, optimizers: dict, scaler, inputs: dict, cfg, step: in
     real_future = real[:, tau:]
     ramp = 1.0 if ic.gan_warmup == 0 else min(1.0, step / ic.gan_warmup)
 
-    draws = torch.Generator().manual_seed((cfg.run.seed * 1_000_003 + step) * 64 + rank)
-    image_index = torch.randint(length, (batch_size,), generator=draws).to(device)
+    draws = torch.Generator(device).manual_seed((cfg.run.seed * 1_000_003 + step) * 64 + rank)
+    image_index = torch.randint(length, (batch_size,), generator=draws, device=device)
     windows = []
     for scale in range(ic.temporal_scales):
         frame_step = tau_d ** scale
         span = (tau_d - 1) * frame_step + 1
         if span <= length:
-            start = torch.randint(length - span + 1, (batch_size,), generator=draws).to(device)
+            start = torch.randint(length - span + 1, (batch_size,), generator=draws, device=device)
             windows.append((scale, frame_step, start[:, None] + frame_step * torch.arange(tau_d, device=device)))
 
     keep_previous = None
     if ic.context_dropout > 0:
-        keep_previous = (torch.rand(batch_size, length, generator=draws) >= ic.context_dropout).float().to(device)
+        keep_previous = (torch.rand(batch_size, length, generator=draws, device=device) >= ic.context_dropout).float()
     with common.autocast(device, cfg.run.precision):
         out = nets["generator"](label_channels, real, keep_previous)
     fake, hallucinated, flow = out["frames"], out["hallucinated"], out["flow"]
@@ -214,7 +215,7 @@ def train_step(nets: dict, optimizers: dict, scaler, inputs: dict, cfg, step: in
     loss_g = sum(weights[k] * v for k, v in terms.items())
 
     loss_d = torch.zeros((), device=device)
-    updated = common.loss_is_finite(loss_g, step, cfg.run.on_nonfinite)
+    updated = finite.ok(loss_g, step)
     if updated:
         optimizers["generator"].zero_grad(set_to_none=True)
         scaler.scale(loss_g).backward()
@@ -229,7 +230,7 @@ def train_step(nets: dict, optimizers: dict, scaler, inputs: dict, cfg, step: in
                 real_out, fake_out = _split(video_d_ddp[scale](video_input.detach()), 2)
                 loss_d = loss_d + 0.5 * (gan_loss(real_out, True, mode, True)
                                          + gan_loss(fake_out, False, mode, True))
-        if common.loss_is_finite(loss_d, step, cfg.run.on_nonfinite):
+        if finite.ok(loss_d, step):
             optimizers["image_d"].zero_grad(set_to_none=True)
             optimizers["video_d"].zero_grad(set_to_none=True)
             scaler.scale(loss_d).backward()
@@ -242,6 +243,7 @@ def train_step(nets: dict, optimizers: dict, scaler, inputs: dict, cfg, step: in
     return {k: v.detach().float() for k, v in {"loss_g": loss_g, "loss_d": loss_d, **terms}.items()}
 
 
+@common.releases_folder_locks
 def main(argv=None):
     cfg, args = common.parse_args(argv, description=__doc__)
     check_config(cfg)
@@ -304,13 +306,16 @@ def main(argv=None):
                    f"{common.resolve_precision(cfg.run.precision, device)}; "
                    f"perceptual loss {'on' if perceptual is not None else 'off'}")
     batches = make_loader(train_set, ic.batch_size, cfg.run.seed, step, dist.rank, dist.world_size,
-                          ic.flip, cfg.run.num_workers)
+                          ic.flip, common.loader_workers(cfg.run.num_workers, device))
     nets = {"generator": generator_ddp, "image_d": image_d, "video_d": video_d, "image_d_ddp": image_d_ddp,
             "video_d_ddp": video_d_ddp, "perceptual": perceptual}
     tau = ic.tau
     running, running_count, metrics = {}, 0, None
 
+    finite = common.FiniteLosses(cfg)
+
     def save():
+        finite.check(step)  # no non-finite weights in a checkpoint
         common.save_checkpoint(run_dir / "last.pt", step=step, cfg=cfg, modules=modules, optimizers=optimizers,
                                schedulers=schedulers, scalers={"scaler": scaler}, extra={"history": history})
 
@@ -335,15 +340,16 @@ def main(argv=None):
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     progress = common.progress(total=ic.steps, initial=step, disable=not dist.is_main, desc="image")
-    with common.StopSignal() as stop:
+    with common.StopSignal(cfg.run.sync_every) as stop:
         while step < ic.steps:
             length = clip_frames(ic, step)
             inputs = prepare_batch(next(batches), cfg, device, tau + length)
-            losses = train_step(nets, optimizers, scaler, inputs, cfg, step, dist.rank)
+            losses = train_step(nets, optimizers, scaler, inputs, cfg, step, dist.rank, finite)
             for scheduler in schedulers.values():
                 scheduler.step()
             step += 1
             progress.update(1)
+            finite.check(step, due_only=True)
 
             if losses is not None:
                 for key, value in losses.items():
@@ -359,7 +365,7 @@ def main(argv=None):
                     progress.set_postfix(G=f"{history['loss_g'][-1][1]:.3f}", D=f"{history['loss_d'][-1][1]:.3f}",
                                          frames=length, refresh=False)
                 running, running_count = {}, 0
-            if stop.should_stop():
+            if stop.should_stop(step):
                 save()
                 break
             if step % ic.eval_every == 0 and step < ic.steps:

@@ -75,16 +75,16 @@ def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ig
 
 
 def train_step(trained, optimizer, scaler, frames: torch.Tensor, cfg, step: int, ignore_index: int,
-               born_weight: float) -> dict:
+               born_weight: float, finite: common.FiniteLosses) -> dict:
     """One optimiser step on a batch of clips (B, T, H, W), teacher forced with z from the posterior;
-    `trained` is the model or its DDP wrapper. Returns clip_loss's values; a non-finite loss skips the
-    update (or stops, run.on_nonfinite)."""
+    `trained` is the model or its DDP wrapper. Returns clip_loss's values (on the device); a non-finite
+    loss skips the update or stops the run (run.on_nonfinite, through `finite`)."""
     s, model = cfg.structure, common.unwrap(trained)
     with common.autocast(frames.device, cfg.run.precision):
         result = trained(frames, s.n_past)
     losses = clip_loss(model, result, frames, cfg, ignore_index, born_weight)
     optimizer.zero_grad(set_to_none=True)
-    if common.loss_is_finite(losses["loss"], step, cfg.run.on_nonfinite):
+    if finite.ok(losses["loss"], step):
         scaler.scale(losses["loss"]).backward()
         if s.grad_clip > 0:
             scaler.unscale_(optimizer)
@@ -239,14 +239,17 @@ def main(argv=None) -> dict:
     trained = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
 
     loader = make_loader(train_set, s.batch_size // dist.world_size, cfg.run.seed, start_step, dist.rank,
-                         dist.world_size, s.flip, cfg.run.num_workers)
+                         dist.world_size, s.flip, common.loader_workers(cfg.run.num_workers, device))
     if checkpoint is not None:  # after make_loader, which draws from the global RNG, so resumed == uninterrupted
         states = payload["rng"]
         common.set_rng_state(states[dist.rank] if len(states) == dist.world_size else states[0])
     val_batch = fixed_batch(val_set, s.val_clips)[modality].to(device)
     sample_batch = fixed_batch(val_set, s.sample_clips)[modality].to(device)
 
+    finite = common.FiniteLosses(cfg)
+
     def save(step):
+        finite.check(step)  # no non-finite weights in a checkpoint
         common.save_checkpoint(run_dir / "last.pt", step=step, cfg=cfg, modules={"structure": model},
                                optimizers={"adam": optimizer}, scalers={"scaler": scaler}, extra={"history": history})
 
@@ -270,15 +273,16 @@ def main(argv=None) -> dict:
     loop_start, time_up, clock_fraction, used = started, False, 0.0, 0.0
     model.train()
     bar = common.progress(total=s.steps, initial=start_step, disable=not dist.is_main, desc="structure")
-    with common.StopSignal() as stop:
+    with common.StopSignal(cfg.run.sync_every) as stop:
         while step < s.steps:
             if s.born_weight_decay:  # the only reader of the budget (and the clock)
                 used, clock_fraction = budget_used(cfg, step, time.time() - loop_start, clock_fraction, device)
             # decayed to 0 over the budget, the weight opens the latent early and leaves a calibrated decoder
             born_weight = s.born_weight * ((1 - used) if s.born_weight_decay else 1.0)
             frames = next(loader)[modality].to(device, non_blocking=True)
-            losses = train_step(trained, optimizer, scaler, frames, cfg, step, ignore_index, born_weight)
+            losses = train_step(trained, optimizer, scaler, frames, cfg, step, ignore_index, born_weight, finite)
             step += 1
+            finite.check(step, due_only=True)
             bar.update(1)
             if step % s.log_every == 0:
                 values = {k: float(common.all_reduce_mean(v.detach().reshape(1))) for k, v in losses.items()}
@@ -289,7 +293,7 @@ def main(argv=None) -> dict:
             if s.max_minutes > 0 and not stop.requested and time.time() - loop_start > 60 * s.max_minutes:
                 common.log(f"step {step}: structure.max_minutes={s.max_minutes} reached; stopping")
                 stop.requested = time_up = True  # any rank's flag stops all ranks (should_stop reduces it)
-            stopping = stop.should_stop()
+            stopping = stop.should_stop(step)
             if step % s.eval_every == 0 or step == s.steps or (stopping and time_up):
                 log_validation(step)
             if step % s.save_every == 0 or step == s.steps or stopping:

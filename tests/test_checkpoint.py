@@ -117,6 +117,36 @@ def test_nonfinite_policy():
         common.loss_is_finite(torch.tensor(float("inf")), 4, "stop")
 
 
+def test_nonfinite_losses_are_read_every_sync_every_steps_and_before_a_checkpoint():
+    finite = common.FiniteLosses(common.load_config(None, ["run.sync_every=4"]))
+    for step, loss in enumerate([1.0, float("nan"), 2.0]):
+        assert finite.ok(torch.tensor(loss), step)     # stop: the update goes on, nothing is read yet
+        finite.check(step + 1, due_only=True)          # steps 1, 2, 3: not due
+    finite.ok(torch.tensor(3.0), 3)
+    with pytest.raises(common.NonFiniteLoss, match=r"in 0\.\.3"):
+        finite.check(4, due_only=True)
+    finite.ok(torch.tensor(float("inf")), 4)
+    finite.check(5, due_only=True)                     # not due ...
+    with pytest.raises(common.NonFiniteLoss, match=r"in 4\.\.4"):
+        finite.check(5)                                # ... but a checkpoint is about to be written
+    finite.ok(torch.tensor(1.0), 5)
+    finite.check(8, due_only=True)                     # finite since: nothing raised
+    skip = common.FiniteLosses(common.load_config(None, ["run.on_nonfinite=skip", "run.sync_every=4"]))
+    assert not skip.ok(torch.tensor(float("nan")), 0) and skip.ok(torch.tensor(1.0), 1)
+
+
+def test_loader_workers_default_to_processes_on_cuda_only(monkeypatch):
+    assert common.loader_workers(3, torch.device("cpu")) == 3
+    assert common.loader_workers(-1, torch.device("cpu")) == 0
+    monkeypatch.setattr(common.os, "cpu_count", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert common.loader_workers(-1, torch.device("cuda", 0)) == 1      # 2 CPUs per rank: one for the step
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert common.loader_workers(-1, torch.device("cuda", 0)) == 4
+    with pytest.raises(common.ConfigError, match="run.num_workers"):
+        common.load_config(None, ["run.num_workers=-2"])
+
+
 def test_video_and_plot_writers(tmp_path):
     import imageio.v3 as iio
     import numpy as np

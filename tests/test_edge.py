@@ -202,7 +202,9 @@ def test_a_few_steps_reduce_the_loss(toy_root):
             return (torch.sigmoid(generator(edge_model.one_hot(labels, 19)))[:, 0] - truth.float()).abs().mean().item()
 
     before = error()
-    losses = [train_edge.train_step(generator, discriminator, opt_g, opt_d, scalers, labels, truth, cfg, step)
+    finite = common.FiniteLosses(cfg)
+    losses = [{k: float(v) for k, v in train_edge.train_step(generator, discriminator, opt_g, opt_d, scalers, labels,
+                                                             truth, cfg, step, finite).items()}
               for step in range(10)]
     assert all(np.isfinite(list(step.values())).all() for step in losses)
     assert losses[-1]["g_bce"] < 0.7 * losses[0]["g_bce"], [step["g_bce"] for step in losses]
