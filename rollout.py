@@ -17,6 +17,7 @@ and free of host synchronisation; on CUDA one step is captured in a CUDA graph.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import shutil
 import time
@@ -205,14 +206,38 @@ class StepRunner:
         return self.static_out
 
 
+def plan_groups(num_clips: int, samples: int, batch: int, world_size: int = 1) -> list[tuple[list, list]]:
+    """The batches rolled out together, as (clip ids, sample ids): `batch // samples` clips with all their
+    samples each; with fewer of those than ranks, the largest is halved (by clips, then by samples) until
+    every rank has one or none can be split, so that no rank waits behind a barrier while another rolls out
+    everything. A batch's noise is seeded by its first clip and sample: the frames depend on this grouping
+    (rollout.batch and, when it splits, the number of ranks), and on one rank they do not depend on the rank count."""
+    per_group = max(1, batch // samples)
+    groups = [(list(range(i, min(i + per_group, num_clips))), list(range(samples)))
+              for i in range(0, num_clips, per_group)]
+    while len(groups) < world_size:
+        i = max(range(len(groups)), key=lambda k: len(groups[k][0]) * len(groups[k][1]))
+        clip_ids, sample_ids = groups[i]
+        if len(clip_ids) > 1:
+            half = (len(clip_ids) + 1) // 2
+            groups[i:i + 1] = [(clip_ids[:half], sample_ids), (clip_ids[half:], sample_ids)]
+        elif len(sample_ids) > 1:
+            half = (len(sample_ids) + 1) // 2
+            groups[i:i + 1] = [(clip_ids, sample_ids[:half]), (clip_ids, sample_ids[half:])]
+        else:
+            break
+    return groups
+
+
 @torch.inference_mode()
-def run_group(cfg, pipeline: Pipeline, writer: RolloutWriter, clip_ids: list, clips: list, state_dir: Path,
-              progress, stop: common.StopSignal) -> bool:
-    """Roll out one batch of clips to the end (or until a stop signal); returns True when complete."""
+def run_group(cfg, pipeline: Pipeline, writer: RolloutWriter, clip_ids: list, sample_ids: list, clips: list,
+              state_dir: Path, progress, stop: common.StopSignal) -> bool:
+    """Roll out one batch (clips x samples) to the end (or until a stop signal); returns True when complete."""
     r, device = cfg.rollout, pipeline.device
-    frames, samples, chunk = r.frames, r.samples, r.chunk
-    state_path = state_dir / f"group_{clip_ids[0]:04d}.pt"
-    generator = torch.Generator(device).manual_seed(cfg.run.seed * 1_000_003 + clip_ids[0])
+    frames, samples, chunk = r.frames, len(sample_ids), r.chunk
+    first = (clip_ids[0], sample_ids[0])
+    state_path = state_dir / f"group_{first[0]:04d}_{first[1]:03d}.pt"
+    generator = torch.Generator(device).manual_seed(cfg.run.seed * 1_000_003 + first[0] + 7919 * first[1])
     context_labels = torch.stack([torch.from_numpy(clips[c]["context"]["label"]) for c in clip_ids]).to(device)
     context_rgb = (torch.stack([torch.from_numpy(clips[c]["context"]["rgb"]).permute(0, 3, 1, 2)
                                 for c in clip_ids]).to(device) if "rgb" in clips[clip_ids[0]]["context"] else None)
@@ -224,8 +249,10 @@ def run_group(cfg, pipeline: Pipeline, writer: RolloutWriter, clip_ids: list, cl
             saved = torch.load(state_path, map_location="cpu", weights_only=True)
         except Exception as e:  # a state cut short (disk full, a kill outside its atomic write) only costs time
             common.log(f"{state_path} is unreadable ({type(e).__name__}); recomputing this group from frame 0")
-    # The state is saved after its chunk is on disk; if chunks were lost since, recompute from frame 0.
-    if saved is not None and 0 < saved["frame"] <= writer.frames_done(clip_ids):
+    # The state is saved after its chunk is on disk; if chunks were lost since, or the state is of another
+    # grouping (another rollout.batch or number of ranks), recompute from frame 0.
+    if (saved is not None and saved.get("rows") == [clip_ids, sample_ids]
+            and 0 < saved["frame"] <= writer.frames_done(clip_ids, sample_ids)):
         start = int(saved["frame"])
         for t, value in zip(pipeline.state_tensors(), saved["tensors"]):
             t.copy_(value)
@@ -246,9 +273,9 @@ def run_group(cfg, pipeline: Pipeline, writer: RolloutWriter, clip_ids: list, cl
         # one device->host transfer per chunk; the steps above never wait on the host
         arrays = {m: buffers[m][:, :length].cpu().numpy().reshape(len(clip_ids), samples, length, *buffers[m].shape[2:])
                   for m in writer.modalities}
-        writer.write_chunk(chunk_start, clips=clip_ids, **arrays)
+        writer.write_chunk(chunk_start, clips=clip_ids, samples=sample_ids, **arrays)
         common.atomic_write_bytes(state_path, _serialise({
-            "frame": chunk_start + length, "tensors": [t.cpu() for t in pipeline.state_tensors()],
+            "frame": chunk_start + length, "rows": [clip_ids, sample_ids], "tensors": [t.cpu() for t in pipeline.state_tensors()],
             "generator": generator.get_state()}))
         progress.update(rows * length)
         if stop.requested:
@@ -268,15 +295,16 @@ def video_fps(cfg, meta: dict, stride: int) -> float:
     return cfg.rollout.video_fps or common.real_time_fps(meta, stride)
 
 
-def write_videos(cfg, out_dir: Path, clip_ids: list, meta: dict) -> None:
-    """Per sample: colourised labels, RGB and a side-by-side grid (context frames first), streamed."""
+def write_videos(cfg, out_dir: Path, rows: list, meta: dict) -> None:
+    """Per (clip, sample) of `rows`: colourised labels, RGB and a side-by-side grid (context frames first),
+    streamed."""
     reader = read_rollout(out_dir)
     fps = video_fps(cfg, meta, reader.protocol["stride"])
     scale, ext = cfg.rollout.video_scale, cfg.rollout.video_format
     palette = meta["palette"]
-    for c in clip_ids:
+    for c, sample_ids in itertools.groupby(rows, key=lambda row: row[0]):
         context = {m: reader.context(c, m) for m in reader.modalities}
-        for s in range(reader.num_samples):
+        for _, s in sample_ids:
             folder = out_dir / f"clip_{c:04d}" / f"sample_{s:03d}"
 
             def frames_of(modality):
@@ -329,27 +357,26 @@ def roll_out(cfg, dist, meta, pipeline: Pipeline, clips: list, out_dir: Path) ->
                        stride=pipeline.stride,
                        modalities=pipeline.modalities, models=pipeline.models,
                        extra={"structure_variant": pipeline.variant, "edge": pipeline.edge is not None})
-    if dist.is_main:
-        RolloutWriter(out_dir, **writer_args)  # creates the folder and protocol once
+    if dist.is_main:  # the folder, protocol and contexts once (a few frames per clip)
+        writer = RolloutWriter(out_dir, **writer_args)
         common.save_config(cfg, out_dir / "config.yaml")
+        for c, clip in enumerate(clips):
+            writer.write_context(c, **clip["context"])
+            if clip["truth"] is not None:
+                writer.write_truth(c, **clip["truth"])
     common.barrier()
     writer = RolloutWriter(out_dir, **writer_args)
     common.log(f"rolling out on {pipeline.device} in {common.resolve_precision(cfg.run.precision, pipeline.device)}")
-    per_group = max(1, r.batch // r.samples)
-    groups = [list(range(i, min(i + per_group, len(clips)))) for i in range(0, len(clips), per_group)]
-    my_groups = groups[dist.rank::dist.world_size]
-    for clip_ids in my_groups:
-        for c in clip_ids:
-            writer.write_context(c, **clips[c]["context"])
-            if clips[c]["truth"] is not None:
-                writer.write_truth(c, **clips[c]["truth"])
-    total = sum(len(g) for g in my_groups) * r.samples * r.frames
+    my_groups = plan_groups(len(clips), r.samples, r.batch, dist.world_size)[dist.rank::dist.world_size]
+    rows = [(c, s) for clip_ids, sample_ids in my_groups for c in clip_ids for s in sample_ids]
+    total = len(rows) * r.frames
     started = time.perf_counter()
     complete = True
     with common.StopSignal() as stop, common.progress(total=total, unit="frame", unit_scale=True, desc="rollout",
                                                       disable=not dist.is_main, smoothing=0.1) as progress:
-        for clip_ids in my_groups:
-            complete &= run_group(cfg, pipeline, writer, clip_ids, clips, out_dir / ".state", progress, stop)
+        for clip_ids, sample_ids in my_groups:
+            complete &= run_group(cfg, pipeline, writer, clip_ids, sample_ids, clips, out_dir / ".state", progress,
+                                  stop)
             if stop.requested:
                 break
     seconds = time.perf_counter() - started
@@ -358,7 +385,7 @@ def roll_out(cfg, dist, meta, pipeline: Pipeline, clips: list, out_dir: Path) ->
         return out_dir
     common.log(f"rolled out {total} frame-steps in {seconds:.1f}s ({total / max(seconds, 1e-9):.0f} frames/s)")
     if r.videos:
-        write_videos(cfg, out_dir, [c for g in my_groups for c in g], meta)
+        write_videos(cfg, out_dir, sorted(rows), meta)  # each rank its own rows: no one encodes while others wait
     common.barrier()
     if dist.is_main:
         writer.finish()

@@ -120,12 +120,14 @@ class _ChunkIndex:
     def chunk_length(self, start: int) -> int:
         return min(self.chunk, self.num_frames - start)
 
-    def frames_done(self, clips=None) -> int:
-        """Frames for which every (clip, sample, modality) — of `clips` when given — has complete chunks."""
+    def frames_done(self, clips=None, samples=None) -> int:
+        """Frames for which every (clip, sample, modality) — of `clips` and `samples` when given — has
+        complete chunks."""
         clips = range(self.num_clips) if clips is None else clips
+        samples = range(self.num_samples) if samples is None else samples
         done = self.num_frames
         for c in clips:
-            for s in range(self.num_samples):
+            for s in samples:
                 for m in self.modalities:
                     done = min(done, _contiguous_frames(sample_dir(self.root, c, s) / m, self.chunk, self.num_frames))
                     if done == 0:
@@ -198,9 +200,9 @@ class RolloutWriter(_ChunkIndex):
             self._check(f"truth {modality} of clip {clip}", array, (max(len(array), 1),) + self.frame_shape(modality))
             _save_npy(clip_dir(self.root, clip) / "truth" / f"{modality}.npy", array)
 
-    def write_chunk(self, start: int, clips=None, **arrays) -> None:
-        """Predicted frames [start, start + n) for `clips` (default all) and every sample at once:
-        arrays[modality] is uint8 (len(clips), samples, n, H, W[, 3]) with n = the chunk's length."""
+    def write_chunk(self, start: int, clips=None, samples=None, **arrays) -> None:
+        """Predicted frames [start, start + n) for `clips` and `samples` (default all) at once:
+        arrays[modality] is uint8 (len(clips), len(samples), n, H, W[, 3]) with n = the chunk's length."""
         if start % self.chunk or not 0 <= start < self.num_frames:
             raise RolloutError(f"{self.root}: chunk start {start} must be a multiple of chunk={self.chunk} "
                                f"below frames={self.num_frames}")
@@ -208,13 +210,14 @@ class RolloutWriter(_ChunkIndex):
             raise RolloutError(f"{self.root}: a chunk needs exactly the modalities {self.modalities}, "
                                f"got {sorted(arrays)}")
         clips = list(range(self.num_clips)) if clips is None else list(clips)
+        samples = list(range(self.num_samples)) if samples is None else list(samples)
         n = self.chunk_length(start)
         for modality, array in arrays.items():
             array = self._check(f"chunk {start} {modality}", array,
-                                (len(clips), self.num_samples, n) + self.frame_shape(modality))
+                                (len(clips), len(samples), n) + self.frame_shape(modality))
             for i, c in enumerate(clips):
-                for s in range(self.num_samples):
-                    _save_npy(self.chunk_path(c, s, modality, start), array[i, s])
+                for j, s in enumerate(samples):
+                    _save_npy(self.chunk_path(c, s, modality, start), array[i, j])
 
     def append(self, clips=None, **arrays) -> int:
         """Write the next chunk after frames_done(clips); returns its start frame."""

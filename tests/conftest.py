@@ -41,6 +41,21 @@ def triton_only(test):
                f"interpreter: {_dispatch.INTERPRET})")(test)
 
 
+# ----------------------------------------------------------------------------- trainers on a device
+
+def assert_resumed_equal(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
+    """Resumed == uninterrupted, for the trainers' resume tests (run.device=auto: CUDA where there is one).
+    Bit for bit on CPU. On CUDA the backward kernels that accumulate with atomic adds (the one-hot conv's and
+    the warp's weight gradients) and cuDNN's algorithms sum in a varying order, so the tolerance is stated:
+    every element within 1e-3 (about one Adam step at the trainers' learning rates: a gradient component near
+    zero can flip its update's sign) and the mean difference within 1e-5."""
+    if not torch.cuda.is_available():
+        assert torch.equal(a, b), f"{name} differs after resume"
+        return
+    diff = (a.detach().cpu().double() - b.detach().cpu().double()).abs()
+    assert diff.max() <= 1e-3 and diff.mean() <= 1e-5, f"{name} differs after resume: max {diff.max():.2e}"
+
+
 def seeded(*key) -> torch.Generator:
     """A CPU generator seeded by the test case's parameters, so each case draws its own inputs."""
     import zlib

@@ -73,7 +73,7 @@ def test_resume_from_partial_output(tiny_drive, tmp_path):
     (partial / "clip_0001" / "sample_001" / "label" / "000200.npy").unlink()
     protocol = (partial / "rollout.yaml").read_text().replace("complete: true", "complete: false")
     (partial / "rollout.yaml").write_text(protocol)
-    state = partial / ".state" / "group_0000.pt"
+    state = partial / ".state" / "group_0000_000.pt"
     import torch
     saved = torch.load(state, weights_only=True)
     assert saved["frame"] == 300
@@ -213,3 +213,37 @@ def test_rgb_variant_pipeline_equals_the_model_on_uint8_context():
     pipeline.init(context_labels, context_rgb, 1, generator)
     frames = torch.stack([pipeline.step(generator)["rgb"] for _ in range(4)], 1)  # (B, T, H, W, 3)
     assert torch.equal(frames, expected.permute(0, 1, 3, 4, 2))
+
+
+@pytest.mark.parametrize("num_clips,samples,batch,world_size", [(4, 2, 16, 1), (4, 2, 16, 8), (1, 2, 16, 4),
+                                                                (5, 3, 4, 2), (3, 1, 2, 1), (2, 4, 16, 3)])
+def test_plan_groups_cover_every_row_once_and_give_every_rank_work(num_clips, samples, batch, world_size):
+    groups = rollout.plan_groups(num_clips, samples, batch, world_size)
+    rows = sorted((c, s) for clip_ids, sample_ids in groups for c in clip_ids for s in sample_ids)
+    assert rows == [(c, s) for c in range(num_clips) for s in range(samples)]
+    assert len(groups) >= min(world_size, num_clips * samples)
+    if world_size == 1:  # one rank: batch // samples clips with all their samples, as before ranks split them
+        per_group = max(1, batch // samples)
+        assert [g[0] for g in groups] == [list(range(i, min(i + per_group, num_clips)))
+                                          for i in range(0, num_clips, per_group)]
+
+
+def test_torchrun_two_ranks_split_the_samples_of_one_clip(tiny_drive, tmp_path, master_port):
+    """One clip, two samples, two ranks: each rank rolls out (and encodes the video of) one sample."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    _save_generators(tiny_drive, tmp_path / "run")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={master_port}",
+               "rollout.py", *_argv(tiny_drive, tmp_path / "run", "--frames=20", "--rollout.chunk=10",
+                                    "--rollout.clips=1", "--rollout.videos=true", "--rollout.video_format=gif",
+                                    "--run.device=cpu")]
+    result = subprocess.run(command, cwd=Path(rollout.__file__).parent, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = tmp_path / "run" / "rollout"
+    assert read_rollout(out).protocol["complete"] and read_rollout(out).frames_done() == 20
+    assert sorted(p.name for p in (out / ".state").iterdir()) == ["group_0000_000.pt", "group_0000_001.pt"]
+    for sample in ("sample_000", "sample_001"):
+        assert (out / "clip_0000" / sample / "grid.gif").is_file()
