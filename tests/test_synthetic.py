@@ -7,11 +7,12 @@ import yaml
 from PIL import Image
 
 from data import synthetic
-from data.synthetic import (DANCE_CLASSES, DANCE_PALETTE, DRIVE_CLASSES, DRIVE_PALETTE, SCROLL_CLASSES, SCROLL_PALETTE,
-                            generate_sequence, parse_size, write_dataset)
+from data.synthetic import (DANCE_CLASSES, DANCE_PALETTE, DRIVE_CLASSES, DRIVE_PALETTE, LANES_CLASSES, LANES_PALETTE,
+                            SCROLL_CLASSES, SCROLL_PALETTE, generate_sequence, parse_size, write_dataset)
 from evaluate import born_mask
 
-KINDS = {"drive": len(DRIVE_CLASSES), "dance": len(DANCE_CLASSES), "scroll": len(SCROLL_CLASSES)}
+KINDS = {"drive": len(DRIVE_CLASSES), "dance": len(DANCE_CLASSES), "scroll": len(SCROLL_CLASSES),
+         "lanes": len(LANES_CLASSES)}
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -36,7 +37,7 @@ def test_shapes_dtypes_ranges(kind):
     assert np.isfinite(seq["flow"]).all()
     assert not seq["flow"][0].any(), "frame 0 has no previous frame: its flow is zero"
     assert np.abs(seq["flow"][1:]).max() > 0.05
-    background = 10 if kind == "drive" else 0     # sky / background / sky are stuff: no instance
+    background = 10 if kind == "drive" else 0     # sky / background / sky / grass are stuff: no instance
     assert (seq["instance"][seq["label"] == background] == 0).all()
     assert seq["rgb"].std() > 10
 
@@ -47,6 +48,7 @@ def test_constants():
     assert len(DANCE_CLASSES) == len(DANCE_PALETTE) == 25 and DANCE_CLASSES[0] == "background"
     assert len(set(DANCE_PALETTE)) == 25, "dance part colours must be distinguishable"
     assert len(SCROLL_CLASSES) == len(set(SCROLL_PALETTE)) == 9 and SCROLL_CLASSES[0] == "sky"
+    assert len(LANES_CLASSES) == len(set(LANES_PALETTE)) == 7 and LANES_CLASSES[3] == "car"
 
 
 def _warp(image, flow):
@@ -59,7 +61,7 @@ def _warp(image, flow):
     return F.grid_sample(x, grid, mode="bilinear", align_corners=True)[0].permute(1, 2, 0).numpy(), sx, sy
 
 
-@pytest.mark.parametrize("kind,seed,frames", [("drive", 1, 40), ("dance", 3, 60), ("scroll", 2, 60)])
+@pytest.mark.parametrize("kind,seed,frames", [("drive", 1, 40), ("dance", 3, 60), ("scroll", 2, 60), ("lanes", 0, 60)])
 def test_flow_warps_previous_frame_onto_current(kind, seed, frames):
     """Warping RGB frame t-1 by flow[t] reproduces frame t where nothing is disoccluded.
 
@@ -162,6 +164,24 @@ def test_scroll_is_exact_motion_plus_births_at_the_edges():
     mix = np.bincount(labels.ravel(), minlength=9) / labels.size
     assert (mix > 0).all() and mix.max() < 0.5
     assert not any(np.array_equal(labels[0], labels[t]) for t in range(1, 400))
+
+
+def test_lanes_births_only_upstream_and_speeds_vary_by_sequence():
+    """Cars, trucks and logs are born only at a lane's upstream edge (the 2 px a lane moves at most per frame),
+    at irregular times; other births are lily pads and lane surface uncovered behind them. Each sequence draws
+    its own lane speeds and directions."""
+    speeds = set()
+    for seed in range(3):
+        seq = generate_sequence("lanes", seed, 400, 32)
+        labels = seq["label"]
+        movers = born_mask(labels, len(LANES_CLASSES)) & np.isin(labels[1:], [3, 4, 5])
+        columns = np.flatnonzero(movers.any(axis=(0, 1)))
+        assert ((columns < 2) | (columns >= 30)).all(), f"seed {seed}: movers born in columns {columns}"
+        birth_frames = np.flatnonzero(movers.any(axis=(1, 2)))
+        assert len(birth_frames) >= 40 and len(set(np.diff(birth_frames).tolist())) >= 5
+        speeds.add(tuple(sorted(set(np.unique(seq["flow"][1:, 0]).tolist()) - {0.0})))
+        assert not seq["flow"][:, 1].any()
+    assert len(speeds) == 3, f"lane speeds repeat across sequences: {speeds}"
 
 
 def test_drive_instances_are_stable_objects():

@@ -4,8 +4,10 @@
     synth-dance  one articulated figure dancing (background + 24 DensePose parts)        data/synthetic/dance.py
     synth-scroll a side-scrolling landscape at 32x32 (9 classes): pixel-exact motion,     data/synthetic/scroll.py
                  random births at the edges (the CPU-scale world)
+    synth-lanes  lanes of traffic and logs seen from above at 32x32 (7 classes): each     data/synthetic/lanes.py
+                 sequence its own speeds, random entries upstream (the held-out check)
 
-All three write label, rgb, instance and exact backward flow for every frame:
+All four write label, rgb, instance and exact backward flow for every frame:
 
     python -m data.synthetic drive --out datasets/synth_drive --sequences 40 --frames 300 --size 64 --seed 0
     python -m data.synthetic dance --out datasets/synth_dance --sequences 40 --frames 300 --size 128x128
@@ -27,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from data.synthetic import dance as synth_dance, drive as synth_drive, scroll as synth_scroll
+from data.synthetic import dance as synth_dance, drive as synth_drive, lanes as synth_lanes, scroll as synth_scroll
 
 GENERATOR_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -38,12 +40,15 @@ DANCE_CLASSES = synth_dance.CLASSES
 DANCE_PALETTE = synth_dance.PALETTE
 SCROLL_CLASSES = synth_scroll.CLASSES
 SCROLL_PALETTE = synth_scroll.PALETTE
+LANES_CLASSES = synth_lanes.CLASSES
+LANES_PALETTE = synth_lanes.PALETTE
 
 KINDS = {
     # kind: (meta kind, class names, palette, fps, frame generator)
     "drive": ("synth-drive", DRIVE_CLASSES, DRIVE_PALETTE, synth_drive.FPS, synth_drive.render_drive),
     "dance": ("synth-dance", DANCE_CLASSES, DANCE_PALETTE, synth_dance.FPS, synth_dance.render_dance),
     "scroll": ("synth-scroll", SCROLL_CLASSES, SCROLL_PALETTE, synth_scroll.FPS, synth_scroll.render_scroll),
+    "lanes": ("synth-lanes", LANES_CLASSES, LANES_PALETTE, synth_lanes.FPS, synth_lanes.render_lanes),
 }
 MODALITIES = ("label", "rgb", "instance", "flow")
 
@@ -70,7 +75,7 @@ def parse_size(size) -> tuple[int, int]:
 def _check_kind(kind: str) -> str:
     kind = kind.replace("synth-", "")
     if kind not in KINDS:
-        raise ValueError(f"kind {kind!r}: expected one of {sorted(KINDS)} (or synth-drive / synth-dance / synth-scroll)")
+        raise ValueError(f"kind {kind!r}: expected one of {sorted(KINDS)} (or the same with synth- in front)")
     return kind
 
 
