@@ -2,6 +2,7 @@
 
     python evaluate.py --shotwise            # shot-wise FVD(t) + I3D video score over time (paper fig. 2/4/8)
     python evaluate.py --inception           # frame-level Inception-style score over time
+    python evaluate.py --fid                 # frame-level FID(t) against training frames
     python evaluate.py --short               # vs ground truth: FVD, CSIM, mIoU, PSNR/SSIM, best of N samples
     python evaluate.py --dynamics            # label maps: change per step, class mix, sample difference over t
     python evaluate.py                       # everything the rollout supports
@@ -66,6 +67,8 @@ def _model(name: str, device: torch.device, weights=None):
             model, record = metric_nets.load_vgg16()
         elif name == "efficientnet_lite0":
             model, record = metric_nets.load_efficientnet_lite0()
+        elif name == "inception_fid":
+            model, record = metric_nets.load_inception_fid()
         elif name in ("inception_v3", "resnet18_places365"):
             if weights is None:
                 raise WeightError(f"classifier {name} ships in no package: set evaluate.classifier_weights to a "
@@ -280,29 +283,108 @@ def classifier_probs(frames, classifier: str = "efficientnet_lite0", weights=Non
     return torch.cat(out).numpy()
 
 
-def inception_over_time(reader, window: int = 16, time_stride: int = 1, classifier="efficientnet_lite0",
-                        weights=None, batch_size=64, device=None, progress=False) -> dict:
-    """Inception-style score IS(t) over all clips'/samples' frames in [t, t+w); each frame classified once."""
-    probs: dict = {}  # frame index -> (clips * samples, K)
-    ts, scores = [], []
-    for t in _progress(reader.window_starts(window, time_stride), progress, desc="Inception score"):
-        first = max([t] + [f + 1 for f in probs if f < t + window])  # windows move forward: a suffix is new
+def _frames_over_time(reader, window: int, time_stride: int, featurize, batch_size: int, progress: bool, desc: str):
+    """Yields (t, per-frame outputs of every clip/sample in [t, t+w), stacked): each frame goes through
+    `featurize` (uint8 (N, H, W, 3) -> (N, K)) once, as the windows move forward."""
+    cache: dict = {}  # frame index -> (clips * samples, K)
+    for t in _progress(reader.window_starts(window, time_stride), progress, desc=desc):
+        first = max([t] + [f + 1 for f in cache if f < t + window])  # windows move forward: a suffix is new
         if first < t + window:
             n, parts = t + window - first, []
             for block in reader.iter_windows("rgb", first, n, max(batch_size // n, 1)):  # (m, n, H, W, 3)
-                p = classifier_probs(block.reshape(-1, *block.shape[2:]), classifier, weights, batch_size, device)
-                parts.append(p.reshape(len(block), n, -1))
-            p = np.concatenate(parts)
+                parts.append(featurize(block.reshape(-1, *block.shape[2:])).reshape(len(block), n, -1))
+            out = np.concatenate(parts)
             for i in range(n):
-                probs[first + i] = p[:, i]
-        for f in [f for f in probs if f < t]:
-            del probs[f]
+                cache[first + i] = out[:, i]
+        for f in [f for f in cache if f < t]:
+            del cache[f]
+        yield t, np.concatenate([cache[f] for f in range(t, t + window)])
+
+
+def inception_over_time(reader, window: int = 16, time_stride: int = 1, classifier="efficientnet_lite0",
+                        weights=None, batch_size=64, device=None, progress=False) -> dict:
+    """Inception-style score IS(t) over all clips'/samples' frames in [t, t+w); each frame classified once."""
+    ts, scores = [], []
+    for t, probs in _frames_over_time(reader, window, time_stride,
+                                      lambda frames: classifier_probs(frames, classifier, weights, batch_size, device),
+                                      batch_size, progress, "Inception score"):
         ts.append(t)
-        scores.append(inception_score(np.concatenate([probs[f] for f in range(t, t + window)])))
+        scores.append(inception_score(probs))
     note = ("EfficientNet-Lite0 ImageNet classifier: NOT the paper's InceptionV3 (dancing) / ResNet-18 "
             "Places365 (KITTI); compare only with numbers computed the same way"
             if classifier == "efficientnet_lite0" else f"user-supplied {classifier}")
     return {"classifier": classifier, "note": note, "t": ts, "score": scores, "mean": float(np.mean(scores))}
+
+
+# ----------------------------------------------------------------------------- FID
+
+def inception_features(frames, batch_size: int = 64, device=None) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> (N, 2048) float64 pool features of the FID InceptionV3 (the TF 2015-12-05 graph),
+    frames resized to 299x299 bilinearly and scaled to [-1, 1]."""
+    frames = _uint8_frames(frames, "inception_features", 4)
+    device = _device(device)
+    model, _ = _model("inception_fid", device)
+    out = []
+    with _exact_fp32():
+        for i in range(0, len(frames), batch_size):
+            x = frames[i:i + batch_size].to(device).permute(0, 3, 1, 2).float()
+            x = F.interpolate(x, size=(model.input_size,) * 2, mode="bilinear", align_corners=False)
+            out.append(model(model.preprocess(x)).double().cpu())
+    return torch.cat(out).numpy()
+
+
+def cached_frame_features(cache_dir, root, split, max_frames, seed, size, batch_size=64, device=None,
+                          progress=False) -> tuple[np.ndarray, dict]:
+    """FID features of at most `max_frames` training frames (drawn with `seed`; 0: all), cached under a key
+    of the protocol, the data and the weights."""
+    from data.layout import DatasetError, list_sequences, load_sequence
+    frames = [(p, i) for p in list_sequences(root, split) for i in range(load_sequence(p, "rgb").shape[0])]
+    if not frames:
+        raise DatasetError(f"{Path(root) / split}: no RGB frames for FID")
+    if max_frames and len(frames) > max_frames:
+        keep = np.sort(np.random.default_rng(seed).choice(len(frames), max_frames, replace=False))
+        frames = [frames[i] for i in keep]
+    sequences = [(p.name, (p / "rgb").stat().st_mtime_ns, len(list((p / "rgb").glob("*.png"))))
+                 for p in list_sequences(root, split)]
+    key_fields = {"root": str(Path(root).resolve()), "split": split, "max_frames": max_frames, "seed": seed,
+                  "size": list(size), "weights": metric_nets.INCEPTION_FID_WEIGHTS.sha256, "sequences": sequences}
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
+    path = Path(cache_dir) / f"frames_{key}.npy"
+    info = {"num_frames": len(frames), "cache_file": str(path), "cache_key": key}
+    if path.is_file():
+        features = np.load(path)
+        if features.shape == (len(frames), 2048):
+            return features, {**info, "cached": True}
+    features = []
+    for i in _progress(range(0, len(frames), batch_size), progress, desc="Inception training frames"):
+        batch = []
+        for seq_dir, index in frames[i:i + batch_size]:
+            rgb = load_sequence(seq_dir, "rgb")
+            if tuple(rgb.shape[1:3]) != tuple(size):
+                raise DatasetError(f"{seq_dir}/rgb: frames are {tuple(rgb.shape[1:3])} but the rollout's are "
+                                   f"{tuple(size)}; evaluate against a dataset at the rollout's resolution")
+            batch.append(np.asarray(rgb[index]))
+        features.append(inception_features(np.stack(batch), batch_size, device))
+    features = np.concatenate(features)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, features)
+    tmp.replace(path)
+    return features, {**info, "cached": False}
+
+
+def fid_over_time(reader, real_features: np.ndarray, window: int = 16, time_stride: int = 1, batch_size=64,
+                  device=None, progress=False) -> dict:
+    """FID(t): the Frechet distance between the FID-Inception features of every clip's/sample's frames in
+    [t, t+w) and those of the training frames; each predicted frame is embedded once."""
+    ts, fids = [], []
+    for t, features in _frames_over_time(reader, window, time_stride,
+                                         lambda frames: inception_features(frames, batch_size, device),
+                                         batch_size, progress, "FID"):
+        ts.append(t)
+        fids.append(frechet_distance(features, real_features))
+    return {"t": ts, "fid": fids, "mean": float(np.mean(fids)), "frames_per_t": reader.num_clips * reader.num_samples * window}
 
 
 # ----------------------------------------------------------------------------- frame comparisons
@@ -472,9 +554,12 @@ def label_dynamics(reader, reference: dict, window: int = 16, time_stride: int =
     pairs = [(a, b) for a in range(reader.num_samples) for b in range(a + 1, reader.num_samples)]
     result = {k: [] for k in ("t", "change_per_step", "births_per_step", "class_mix", "mix_distance",
                               "largest_class_share", "sample_difference")}
+    clip_counts = []   # per window: class counts of each clip over its samples (clips, N)
     for t in reader.window_starts(window, time_stride):
         videos = reader.all_windows("label", t, window)   # (clips * samples, w, H, W), clip-major
         changed, compared, counts = _label_counts(videos, num_classes)
+        per_clip = videos.reshape(reader.num_clips, -1)
+        clip_counts.append(np.stack([np.bincount(c, minlength=256)[:num_classes] for c in per_clip]))
         mix = counts / max(counts.sum(), 1.0)
         change = changed / compared if compared else float("nan")   # a one-frame window has no step
         births = _births(videos, num_classes) / compared if compared else float("nan")
@@ -495,8 +580,26 @@ def label_dynamics(reader, reference: dict, window: int = 16, time_stride: int =
                   births_late_vs_data=births_late / max(reference.get("births_per_step", 0.0), 1e-12),
                   mix_distance_late=float(np.mean(result["mix_distance"][-late:])),
                   class_excess_late=float((mix_late - data_mix).max()),
-                  classes_lost_late=[int(c) for c in np.flatnonzero((data_mix >= 0.01) & (mix_late == 0))])
+                  classes_lost_late=[int(c) for c in np.flatnonzero((data_mix >= 0.01) & (mix_late == 0))],
+                  mix_distance_late_own=_own_mix_distance(reader, np.sum(clip_counts[-late:], 0)))
     return result
+
+
+def _own_mix_distance(reader, late_counts: np.ndarray) -> float | None:
+    """The mean over clips of the total-variation distance between a clip's class mix in the last quarter
+    (all its samples) and the mix of its own context and kept ground truth; None without kept truth. On a
+    world whose layout stays put (synth-lanes: the lanes never move) a handful of clips cannot have the
+    split's mix, and this is the distance that says whether a rollout kept its scene."""
+    if not reader.has_truth("label"):
+        return None
+    num_classes = late_counts.shape[1]
+    distances = []
+    for clip in range(reader.num_clips):
+        seen = np.concatenate([reader.context(clip, "label"), reader.truth(clip, "label")])
+        own = np.bincount(seen.reshape(-1), minlength=256)[:num_classes].astype(np.float64)
+        own, late = own / max(own.sum(), 1.0), late_counts[clip] / max(late_counts[clip].sum(), 1)
+        distances.append(0.5 * float(np.abs(late - own).sum()))
+    return float(np.mean(distances))
 
 
 def plot_label_dynamics(dynamics: dict, meta: dict, path) -> Path:
@@ -655,6 +758,9 @@ def _write_outputs(out_dir: Path, report: dict, meta: dict | None = None) -> lis
                                     "I3D video score(t)": list(zip(s["t"], s["video_score"]))},
                                    out_dir / "shotwise_fvd.png", title=f"window {report['protocol']['window']}",
                                    xlabel="t (first predicted frame of the window)"))
+    if "fid" in m:
+        written.append(plot_curves({"FID(t)": list(zip(m["fid"]["t"], m["fid"]["fid"]))}, out_dir / "fid.png",
+                                   title=f"{m['fid']['frames_per_t']} predicted frames per t", xlabel="t (window start)"))
     if "inception_score" in m:
         s = m["inception_score"]
         written.append(plot_curves({f"Inception-style score ({s['classifier']})": list(zip(s["t"], s["score"]))},
@@ -676,7 +782,7 @@ def main(argv=None) -> dict:
     from common import ConfigError, fail, parse_args
     from data.layout import DatasetError
     cfg, _ = parse_args(argv, aliases={"shotwise": "evaluate.shotwise", "inception": "evaluate.inception",
-                                       "short": "evaluate.short",
+                                       "fid": "evaluate.fid", "short": "evaluate.short",
                                        "dynamics": "evaluate.dynamics"}, description=__doc__)
     try:
         return run(cfg)
@@ -695,22 +801,22 @@ def run(cfg) -> dict:
     reader = read_rollout(rollout_dir)
     out_dir = Path(ev.out_dir or rollout_dir / "eval")
     device = _device(ev.device if ev.device != "auto" else None)
-    chosen = {k for k in ("shotwise", "inception", "short", "dynamics") if ev[k]}
+    chosen = {k for k in ("shotwise", "inception", "fid", "short", "dynamics") if ev[k]}
     has_rgb, has_label = "rgb" in reader.modalities, "label" in reader.modalities
     if not chosen:  # everything this rollout supports
-        chosen = ({"shotwise", "inception"} if has_rgb else set()) | ({"dynamics"} if has_label else set()) | \
+        chosen = ({"shotwise", "inception", "fid"} if has_rgb else set()) | ({"dynamics"} if has_label else set()) | \
             ({"short"} if reader.has_truth("rgb") or reader.has_truth("label") else set())
-    if not has_rgb and chosen & {"shotwise", "inception"}:
+    if not has_rgb and chosen & {"shotwise", "inception", "fid"}:
         raise RolloutError(f"{rollout_dir}: the rollout has no RGB frames (modalities {reader.modalities}); "
-                           f"shot-wise FVD and the Inception-style score need them")
+                           f"shot-wise FVD, FID and the Inception-style score need them")
     if not has_label and "dynamics" in chosen:
         raise RolloutError(f"{rollout_dir}: the rollout has no label maps (modalities {reader.modalities}); "
                            f"label dynamics need them")
     if not chosen:
         raise RolloutError(f"{rollout_dir}: nothing to evaluate (no RGB frames and no ground truth)")
-    if chosen & {"shotwise", "inception"} and reader.frames_done() < ev.window:  # before any feature is extracted
+    if chosen & {"shotwise", "inception", "fid"} and reader.frames_done() < ev.window:  # before any feature is extracted
         raise RolloutError(f"{rollout_dir}: {reader.frames_done()} frames are fewer than the window of "
-                           f"{ev.window} (evaluate.window) of shot-wise FVD and the Inception-style score")
+                           f"{ev.window} (evaluate.window) of shot-wise FVD, FID and the Inception-style score")
     if ev.classifier not in CLASSIFIERS:
         raise WeightError(f"evaluate.classifier={ev.classifier!r}; choose one of {', '.join(CLASSIFIERS)}")
     # a bad segmenter file is refused before any work, not after the long-term metrics
@@ -732,6 +838,13 @@ def run(cfg) -> dict:
         metrics["inception_score"] = inception_over_time(reader, ev.window, ev.time_stride, ev.classifier,
                                                          ev.classifier_weights, 4 * ev.batch_size, device, True)
         log(f"Inception-style score ({ev.classifier}): mean {metrics['inception_score']['mean']:.3f}")
+    if "fid" in chosen:
+        real, info = cached_frame_features(ev.cache_dir, dataset_root, ev.train_split, ev.fid_frames, ev.shots_seed,
+                                           reader.size, 4 * ev.batch_size, device, progress=True)
+        extra["fid_training_frames"] = {"dataset_root": str(dataset_root), "split": ev.train_split, **info}
+        metrics["fid"] = fid_over_time(reader, real, ev.window, ev.time_stride, 4 * ev.batch_size, device, True)
+        log(f"FID: mean {metrics['fid']['mean']:.2f} over {len(metrics['fid']['t'])} windows of "
+            f"{metrics['fid']['frames_per_t']} frames against {info['num_frames']} training frames")
     meta = None
     if "dynamics" in chosen:
         from data.layout import read_meta
@@ -742,7 +855,9 @@ def run(cfg) -> dict:
         log(f"label dynamics over the last quarter: change per step {100 * d['change_late']:.2f}% "
             f"({d['change_late_vs_data']:.2f}x the data's {100 * reference['change_per_step']:.2f}%), births per step "
             f"{100 * d['births_late']:.3f}% ({d['births_late_vs_data']:.2f}x the data's), class mix "
-            f"{d['mix_distance_late']:.2f} from the data's (total variation), largest class excess "
+            f"{d['mix_distance_late']:.2f} from the data's (total variation; "
+            f"{'-' if d['mix_distance_late_own'] is None else format(d['mix_distance_late_own'], '.2f')} from each clip's "
+            f"own context and truth), largest class excess "
             f"{d['class_excess_late']:.2f}, classes lost {d['classes_lost_late'] or 'none'}; samples differ "
             f"{100 * d['sample_difference'][-1]:.1f}% at t = {d['t'][-1]}")
     if "short" in chosen:

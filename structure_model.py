@@ -60,6 +60,14 @@ def pool_count(size) -> int:
     return pools
 
 
+def class_fractions(frames: torch.Tensor, num_classes: int, factor: int) -> torch.Tensor:
+    """uint8 label maps (B, H, W) -> the fraction of each class in every factor x factor cell, (B, N, H/f, W/f)
+    fp32; void (an index >= N) counts for no class. A comparison, not F.one_hot, which reads the maximum back to
+    the host (no CUDA graph)."""
+    classes = torch.arange(num_classes, device=frames.device).view(1, -1, 1, 1)
+    return F.avg_pool2d((frames.unsqueeze(1) == classes).float(), factor)
+
+
 def conv3x3(cin: int, cout: int) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, padding=1)
 
@@ -311,7 +319,7 @@ class StructureModel(nn.Module):
     def __init__(self, *, variant: str, num_classes: int, size, blocks, h_channels: int, z_channels: int,
                  lstm_width: int, posterior_layers: int, predictor_layers: int, skip: str, latent: str = "gaussian",
                  prior_components: int = 8, z_to_decoder: bool = False, z_pool: int = 1,
-                 previous_frame: bool = False):
+                 previous_frame: bool = False, pooled_frames: bool = False):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"structure.variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
@@ -322,7 +330,10 @@ class StructureModel(nn.Module):
         if previous_frame and variant not in ("svg", "lstm", "cnn"):
             raise ValueError(f"structure.previous_frame needs argmax label feedback (svg, lstm, cnn), not {variant!r}: "
                              f"add --structure.previous_frame=false")
-        self.previous_frame = previous_frame
+        if pooled_frames and variant not in ("svg", "lstm", "cnn"):
+            raise ValueError(f"structure.pooled_frames needs argmax label feedback (svg, lstm, cnn), not {variant!r}: "
+                             f"add --structure.pooled_frames=false")
+        self.previous_frame, self.pooled_frames = previous_frame, pooled_frames
         self.variant, self.num_classes, self.size, self.skip = variant, num_classes, tuple(size), skip
         self.stochastic = variant in STOCHASTIC
         self.channels = 3 if variant == "rgb" else num_classes
@@ -333,6 +344,9 @@ class StructureModel(nn.Module):
         self.z_pool = z_pool
         self.z_size = (self.latent_size[0] // z_pool, self.latent_size[1] // z_pool)
         self.h_channels, self.z_channels = h_channels, z_channels
+        # the code h_t the LSTMs read: the encoder's output, with pooled_frames also the class fractions of frame t
+        # (and of t-1 with previous_frame) per cell of the LSTMs' grid
+        self.code_channels = h_channels + (num_classes * (2 if previous_frame else 1) if pooled_frames else 0)
         self.z_to_decoder = z_to_decoder and self.stochastic
         self.encoder = Encoder(self.channels * (2 if previous_frame else 1), blocks, pools, h_channels)
         self.decoder = Decoder(h_channels, blocks, self.encoder.pooled, self.channels,
@@ -340,9 +354,10 @@ class StructureModel(nn.Module):
         if self.stochastic:
             self.latent = (GaussianLatent(z_channels) if latent == "gaussian"
                            else MixturePriorLatent(z_channels, prior_components))
-            self.posterior = LatentLSTM(h_channels, lstm_width, posterior_layers, self.latent.posterior_channels, z_pool)
-            self.prior = LatentLSTM(h_channels, lstm_width, posterior_layers, self.latent.prior_channels, z_pool)
-        predictor_in = h_channels + (z_channels if self.stochastic else 0)
+            self.posterior = LatentLSTM(self.code_channels, lstm_width, posterior_layers, self.latent.posterior_channels,
+                                        z_pool)
+            self.prior = LatentLSTM(self.code_channels, lstm_width, posterior_layers, self.latent.prior_channels, z_pool)
+        predictor_in = self.code_channels + (z_channels if self.stochastic else 0)
         if variant == "cnn":
             self.predictor = ConvStack(predictor_in, lstm_width, predictor_layers)
         else:
@@ -357,18 +372,29 @@ class StructureModel(nn.Module):
         conv as a gather, no one-hot; an index >= N such as 255 "void" is an all-zero pixel); uint8 RGB
         (B, 3, H, W) is scaled to [-1, 1]. With structure.previous_frame the first conv also reads the frame
         before (`previous`, the frame itself when None): the skips then show the last step's motion, and so
-        the phase of a motion slower than a pixel per frame. Returns h_t and the skips."""
+        the phase of a motion slower than a pixel per frame. With structure.pooled_frames the code also carries
+        the frames' class fractions per cell (class_fractions). Returns the code h_t and the skips."""
         if self.variant == "rgb":
             return self.encoder((frames.float() / 127.5 - 1).contiguous(memory_format=self.memory_format))
         conv = self.encoder.first_conv
         if not self.previous_frame:
             first = kernels.onehot_conv3x3(frames, conv.weight, conv.bias, memory_format=self.memory_format)
-            return self.encoder(None, first_conv_out=first)
+            code, skips = self.encoder(None, first_conv_out=first)
+            return (self._with_fractions(code, frames) if self.pooled_frames else code), skips
         n = self.channels
         previous = frames if previous is None else previous
         first = (kernels.onehot_conv3x3(frames, conv.weight[:, :n], conv.bias, memory_format=self.memory_format)
                  + kernels.onehot_conv3x3(previous, conv.weight[:, n:], None, memory_format=self.memory_format))
-        return self.encoder(None, first_conv_out=first)
+        code, skips = self.encoder(None, first_conv_out=first)
+        return (self._with_fractions(code, frames, previous) if self.pooled_frames else code), skips
+
+    def _with_fractions(self, code: torch.Tensor, *frames: torch.Tensor) -> torch.Tensor:
+        """The code with each frame's class fractions per cell appended: the latent reads what entered the
+        frame directly, instead of waiting for the encoder to learn to carry it, which it does only once z is
+        used (docs/opening_the_latent.md, "The latent reads the frames")."""
+        factor = self.size[0] // self.latent_size[0]
+        fractions = [class_fractions(f, self.num_classes, factor).to(code.dtype) for f in frames]
+        return torch.cat([code, *fractions], 1).contiguous(memory_format=self.memory_format)
 
     def predict_g(self, code, z, state):
         if z is not None and self.z_pool > 1:
@@ -486,7 +512,7 @@ class StructureModel(nn.Module):
             state.noise = torch.zeros(rows, self.latent.noise_channels, *self.z_size, device=device)
         if self.variant != "cnn":
             state.lstm["predictor"] = self.predictor.zero_state(rows, latent_h, latent_w, device, fmt)
-        state.code = torch.zeros(rows, self.h_channels, latent_h, latent_w, device=device).contiguous(memory_format=fmt)
+        state.code = torch.zeros(rows, self.code_channels, latent_h, latent_w, device=device).contiguous(memory_format=fmt)
         state.skips = [torch.zeros(rows, block[-1].out_channels, self.size[0] // 2**i, self.size[1] // 2**i,
                                    device=device).contiguous(memory_format=fmt)
                        for i, block in enumerate(self.encoder.blocks)]
@@ -600,7 +626,7 @@ class StructureModel(nn.Module):
 ARCH_KEYS = ["structure.variant", "structure.encoder_blocks", "structure.width_mult", "structure.lstm_width",
              "structure.lstm_mult", "structure.h_channels", "structure.z_channels", "structure.posterior_layers",
              "structure.predictor_layers", "structure.latent", "structure.prior_components", "structure.z_to_decoder",
-             "structure.z_pool", "structure.previous_frame", "data.num_classes", "data.size"]
+             "structure.z_pool", "structure.previous_frame", "structure.pooled_frames", "data.num_classes", "data.size"]
 
 
 def build_model(cfg) -> StructureModel:
@@ -631,7 +657,7 @@ def build_model(cfg) -> StructureModel:
                               lstm_width=max(1, round(s.lstm_width * s.lstm_mult)),
                               posterior_layers=s.posterior_layers, predictor_layers=s.predictor_layers, skip=s.skip,
                               latent=s.latent, prior_components=s.prior_components, z_to_decoder=s.z_to_decoder, z_pool=s.z_pool,
-                              previous_frame=s.previous_frame)
+                              previous_frame=s.previous_frame, pooled_frames=s.pooled_frames)
     except ValueError as e:
         raise common.ConfigError(str(e)) from None
 

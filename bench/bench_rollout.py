@@ -4,7 +4,9 @@
     python bench/bench_rollout.py --batches 1 10 --steps 20 --cfg kitti64.yaml
 
 For the structure step and the image step separately, at each batch size, for
-{eager torch, fused kernels, fused + CUDA graph} x {fp32, bf16}: frame-steps per second (batch x
+{eager torch, fused kernels, fused + CUDA graph} x {fp32, bf16}, and for the structure step the baseline
+`plain` (bench/plain_structure.py: the same weights as a plain eager build, nothing fused, every tensor
+contiguous; the speed-up of each mode over it is printed): frame-steps per second (batch x
 steps / time), peak memory, the FLOPs of one step per frame (torch.utils.flop_counter), and the
 achieved fraction of this device's ceiling measured in the same run (ceiling_rate: the best of a matmul
 and the generators' 3x3 convolutions at the same precision, threads and TF32 setting). Fused kernels
@@ -29,6 +31,7 @@ import record  # noqa: E402
 import kernels  # noqa: E402
 import image_model  # noqa: E402
 import structure_model  # noqa: E402
+from plain_structure import PlainStructureStep  # noqa: E402
 from rollout import StepRunner  # noqa: E402
 
 CSV = Path(__file__).with_name("rollout.csv")
@@ -129,7 +132,7 @@ def flops_per_frame(stepper, batch, generator) -> float:
 def measure(stepper, device, precision, use_graph, steps, generator) -> tuple[float, float]:
     """Median seconds per step over `steps` timed steps after warm-up, and peak memory in MiB."""
     stepper.device = device
-    runner = StepRunner(stepper, generator, use_graph, precision)
+    runner = StepRunner(stepper, generator, use_graph, precision)   # autocast, as in rollout.py
     for _ in range(3):
         runner()
     sync(device)
@@ -177,11 +180,15 @@ def main(argv=None):
                 stepper = (StructureStep(structure, batch, device, generator) if component == "structure"
                            else ImageStep(image, batch, device, cfg.data.num_classes, cfg.data.size))
                 flops = flops_per_frame(stepper, batch, generator)
-            for mode, backend, use_graph in modes:
+                plain = PlainStructureStep(structure, batch, device, generator) if component == "structure" else None
+            baseline = {}
+            for mode, backend, use_graph in ([("plain", "torch", False)] if plain else []) + modes:
                 kernels.set_backend(backend)
                 for precision in precisions:
                     with torch.inference_mode():
-                        seconds, peak = measure(stepper, device, precision, use_graph, args.steps, generator)
+                        seconds, peak = measure(plain if mode == "plain" else stepper, device, precision, use_graph,
+                                                args.steps, generator)
+                    baseline.setdefault(precision, seconds)
                     achieved = flops * batch / seconds
                     rows.append({"device": device_label, "torch": torch.__version__, "triton": triton_version,
                                  "commit": common.git_commit(), "config": args.cfg, "component": component,
@@ -191,12 +198,13 @@ def main(argv=None):
                                  "achieved_tflops": round(achieved / 1e12, 4),
                                  "ceiling_tflops": round(ceilings[precision][0] / 1e12, 3),
                                  "ceiling_op": ceilings[precision][1],
-                                 "fraction_of_ceiling": round(achieved / ceilings[precision][0], 4)})
+                                 "fraction_of_ceiling": round(achieved / ceilings[precision][0], 4),
+                                 "vs_plain": round(baseline[precision] / seconds, 3) if plain else ""})
                     r = rows[-1]
                     print(f"{component:9s} b={batch:<4d} {mode:12s} {precision:5s} {r['ms_per_step']:9.2f} ms/step "
                           f"{r['frames_per_s']:9.1f} frames/s  peak {r['peak_mib']:8.1f} MiB  "
-                          f"{r['gflop_per_frame']:.2f} GFLOP/frame  {100 * r['fraction_of_ceiling']:.1f}% of ceiling",
-                          flush=True)
+                          f"{r['gflop_per_frame']:.2f} GFLOP/frame  {100 * r['fraction_of_ceiling']:.1f}% of ceiling"
+                          + (f"  {r['vs_plain']:.2f}x plain" if plain else ""), flush=True)
     kernels.set_backend("auto")
     if not args.no_csv:
         record.append_csv(args.csv, rows)

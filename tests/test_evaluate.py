@@ -219,6 +219,26 @@ def test_shotwise_fvd_windows(tmp_path, monkeypatch):
         ev.shotwise_fvd(reader, real, window=4)
 
 
+def test_fid_over_time_embeds_each_frame_once_and_scores_its_windows(tmp_path, monkeypatch):
+    """FID(t) is the Frechet distance of exactly the frames [t, t+w) of every clip/sample; overlapping windows
+    embed each frame once."""
+    reader, _, rgbs = _tiny_rollout(tmp_path / "rollout")
+    embedded = []
+
+    def fake_features(frames, *args, **kwargs):  # cheap stand-in for InceptionV3: colour statistics per frame
+        frames = np.asarray(frames, np.float64)
+        embedded.append(len(frames))
+        return np.concatenate([frames.mean((1, 2)), frames.std((1, 2)), frames[:, ::4, ::4, 0].reshape(len(frames), -1)], 1)
+
+    monkeypatch.setattr(ev, "inception_features", fake_features)
+    real = np.random.default_rng(2).normal(size=(40, 22)) * 30 + 128
+    result = ev.fid_over_time(reader, real, window=4, time_stride=2)
+    assert result["t"] == [0, 2, 4, 6, 8] and result["frames_per_t"] == 4 * 4
+    assert sum(embedded) == 4 * 12, "every predicted frame of every clip/sample embedded once"
+    window = rgbs.reshape(4, 12, 16, 16, 3)[:, 4:8].reshape(-1, 16, 16, 3)
+    assert result["fid"][2] == pytest.approx(ev.frechet_distance(fake_features(window), real))
+
+
 # ----------------------------------------------------------------------------- label dynamics
 
 @pytest.mark.parametrize("radius", [1, 3])
@@ -256,10 +276,19 @@ def test_label_dynamics_on_hand_made_rollouts(tmp_path):
         writer.write_context(c, label=labels[c, 0, :1])
     for start in range(0, frames, 5):
         writer.write_chunk(start, label=labels[:, :, start:start + 5])
-    writer.finish()
     reader = read_rollout(tmp_path / "rollout")
     reference = {"change_per_step": 0.01, "births_per_step": 0.001, "class_mix": [0.5, 0.5, 0.0, 0.0]}
+    assert ev.label_dynamics(reader, reference, window=4, time_stride=4)["mix_distance_late_own"] is None
+    for c in range(2):    # kept truth: two empty frames after the context
+        writer.write_truth(c, label=np.zeros((2,) + size, np.uint8))
+    writer.finish()
+    reader = read_rollout(tmp_path / "rollout")
     d = ev.label_dynamics(reader, reference, window=4, time_stride=4)
+    # each clip's own mix (context + truth) has 16 of 768 pixels of class 1; in frames 8-11 clip 0 has 16 of 256
+    # per frame, clip 1 as well plus class 3 born in sample 0 (4 pixels x 3 frames of 2048)
+    own_class_1 = 16 / 768
+    assert d["mix_distance_late_own"] == pytest.approx(
+        ((16 / 256 - own_class_1) + (128 / 2048 - own_class_1 + 12 / 2048)) / 2)
     assert d["t"] == [0, 4, 8]
     # a block moving one column changes 8 of 256 pixels per step: 3 moving steps in [0, 4), 2 of 3 in [4, 8), then
     # only the birth: 4 pixels of 4 videos x 3 steps x 256 pixels; a block that moves by 1 pixel is never born
@@ -364,7 +393,9 @@ def test_cli_end_to_end(tmp_path, monkeypatch):
     report = ev.main(argv)
     out = tmp_path / "rollout" / "eval"
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["metrics"].keys() == {"shotwise_fvd", "inception_score", "short_term", "label_dynamics"}
+    assert saved["metrics"].keys() == {"shotwise_fvd", "inception_score", "fid", "short_term", "label_dynamics"}
+    assert saved["protocol"]["fid_training_frames"]["num_frames"] == 12 and saved["metrics"]["fid"]["t"] == [0]
+    assert saved["metrics"]["fid"]["fid"][0] > 0 and saved["metrics"]["fid"]["frames_per_t"] == 4 * 9
     assert saved["protocol"]["weights"]["i3d"]["sha256"] == mn.I3D_WEIGHTS.sha256
     assert saved["protocol"]["training_shots"]["num_shots"] == 3 and not saved["protocol"]["training_shots"]["cached"]
     assert saved["metrics"]["shotwise_fvd"]["t"] == [0]
@@ -376,7 +407,7 @@ def test_cli_end_to_end(tmp_path, monkeypatch):
     # sample 0 is the ground truth (the rollout wrote truth from it): best-of-N finds it
     assert short["psnr"]["mean"] > 140 and short["ssim"]["mean"] == pytest.approx(1.0)
     assert short["csim"]["mean"] == pytest.approx(1.0, abs=1e-5) and short["miou"]["mean"] == pytest.approx(1.0)
-    for name in ("shotwise_fvd.png", "inception_score.png", "short_term.png", "label_dynamics.png"):
+    for name in ("shotwise_fvd.png", "inception_score.png", "fid.png", "short_term.png", "label_dynamics.png"):
         assert (out / name).stat().st_size > 1000
     assert report["metrics"]["short_term"]["psnr"]["mean"] == short["psnr"]["mean"]
     again = ev.main(argv + ["--shotwise"])  # training-shot features come from the cache now

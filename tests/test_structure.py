@@ -16,7 +16,7 @@ from PIL import Image
 import common
 import kernels
 import train_structure
-from structure_model import build_model, load
+from structure_model import build_model, class_fractions, load
 from tests.conftest import assert_resumed_equal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -331,6 +331,34 @@ def test_previous_frame_encoding_matches_between_step_api_and_teacher_forcing():
     assert not torch.equal(code_a, code_b)
     with pytest.raises(common.ConfigError, match="previous_frame"):
         build_model(tiny_cfg("structure.variant=soft", "structure.previous_frame=true"))
+
+
+def test_pooled_frames_carry_class_fractions_and_match_between_step_api_and_teacher_forcing():
+    """structure.pooled_frames: the code carries each frame's class fractions per cell (against a one-hot
+    average pool, void counting for no class), and the step API computes the same model as forward()."""
+    torch.manual_seed(0)
+    labels = random_labels(3, 1, 32, 32, seed=2)[:, 0]
+    labels[0, :5, :5] = 255
+    onehot = F.one_hot(labels.long().clamp_max(18), 19).permute(0, 3, 1, 2).float() * (labels < 19)[:, None]
+    torch.testing.assert_close(class_fractions(labels, 19, 4), F.avg_pool2d(onehot, 4), rtol=0, atol=1e-7)
+    model = build_model(tiny_cfg("structure.variant=lstm", "structure.previous_frame=true",
+                                 "structure.pooled_frames=true")).eval()
+    assert model.code_channels == model.h_channels + 2 * model.num_classes
+    clip = random_labels(2, 6, 32, 32, seed=1)
+    code, _ = model.encode_frames(clip[:, 4], clip[:, 3])
+    factor = 32 // model.latent_size[0]
+    torch.testing.assert_close(code[:, model.h_channels:model.h_channels + 19], class_fractions(clip[:, 4], 19, factor))
+    torch.testing.assert_close(code[:, model.h_channels + 19:], class_fractions(clip[:, 3], 19, factor))
+    generated = model.generate(clip[:, :4], 2)[:, 0]
+    with torch.no_grad():
+        first = model(clip, n_past=4)["out"][:, 3].argmax(1)
+        fed = torch.cat([clip[:, :4], generated[:, :1], clip[:, 5:]], 1)
+        second = model(fed, n_past=4)["out"][:, 4].argmax(1)
+    assert torch.equal(generated[:, 0], first.to(torch.uint8)) and torch.equal(generated[:, 1], second.to(torch.uint8))
+    stochastic = build_model(tiny_cfg("structure.pooled_frames=true"))
+    assert stochastic.posterior.lstm.convs[0].in_channels == stochastic.code_channels + stochastic.posterior.lstm.width
+    with pytest.raises(common.ConfigError, match="pooled_frames"):
+        build_model(tiny_cfg("structure.variant=soft", "structure.pooled_frames=true"))
 
 
 def test_motion_teacher_is_the_teacher_forced_change_from_the_true_input_frame():
