@@ -212,30 +212,39 @@ def shot_features(shots, window: int, stride: int = 1, size=None, batch_size: in
     return np.concatenate(features)
 
 
-def cached_shot_features(cache_dir, root, split, window, stride, shot_stride, max_shots, seed, size,
-                         batch_size=16, device=None, progress=False) -> tuple[np.ndarray, dict]:
-    """Training-shot features, cached under a key of the protocol, the data and the I3D weights."""
+def _cached_features(cache_dir, prefix: str, root, split: str, protocol: dict, rows: int, width: int, compute):
+    """Real-data features (rows, width) from cache_dir, or computed by `compute()` and cached atomically, under a
+    key of the protocol, the split's sequences (name, modification time, frame count) and the weight hash
+    that `protocol` names. Returns (features, cache info)."""
     from data.layout import list_sequences
-    shots = training_shots(root, split, window, stride, shot_stride, max_shots, seed)
     sequences = [(p.name, (p / "rgb").stat().st_mtime_ns, len(list((p / "rgb").glob("*.png"))))
                  for p in list_sequences(root, split)]
-    key_fields = {"root": str(Path(root).resolve()), "split": split, "window": window, "stride": stride,
-                  "shot_stride": shot_stride, "max_shots": max_shots, "seed": seed, "size": list(size),
-                  "i3d_sha256": metric_nets.I3D_WEIGHTS.sha256, "sequences": sequences}
+    key_fields = {"root": str(Path(root).resolve()), "split": split, **protocol, "sequences": sequences}
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
-    path = Path(cache_dir) / f"shots_{key}.npy"
-    info = {"num_shots": len(shots), "cache_file": str(path), "cache_key": key}
+    path = Path(cache_dir) / f"{prefix}_{key}.npy"
+    info = {"cache_file": str(path), "cache_key": key}
     if path.is_file():
         features = np.load(path)
-        if features.shape == (len(shots), 400):
+        if features.shape == (rows, width):
             return features, {**info, "cached": True}
-    features = shot_features(shots, window, stride, size, batch_size, device, progress)
+    features = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         np.save(f, features)
     tmp.replace(path)
     return features, {**info, "cached": False}
+
+
+def cached_shot_features(cache_dir, root, split, window, stride, shot_stride, max_shots, seed, size,
+                         batch_size=16, device=None, progress=False) -> tuple[np.ndarray, dict]:
+    """Training-shot I3D features, cached under a key of the protocol, the data and the I3D weights."""
+    shots = training_shots(root, split, window, stride, shot_stride, max_shots, seed)
+    protocol = {"window": window, "stride": stride, "shot_stride": shot_stride, "max_shots": max_shots, "seed": seed,
+                "size": list(size), "i3d_sha256": metric_nets.I3D_WEIGHTS.sha256}
+    features, info = _cached_features(cache_dir, "shots", root, split, protocol, len(shots), 400,
+                                      lambda: shot_features(shots, window, stride, size, batch_size, device, progress))
+    return features, {"num_shots": len(shots), **info}
 
 
 def shotwise_fvd(reader, real_features: np.ndarray, window: int = 16, time_stride: int = 1,
@@ -344,34 +353,24 @@ def cached_frame_features(cache_dir, root, split, max_frames, seed, size, batch_
     if max_frames and len(frames) > max_frames:
         keep = np.sort(np.random.default_rng(seed).choice(len(frames), max_frames, replace=False))
         frames = [frames[i] for i in keep]
-    sequences = [(p.name, (p / "rgb").stat().st_mtime_ns, len(list((p / "rgb").glob("*.png"))))
-                 for p in list_sequences(root, split)]
-    key_fields = {"root": str(Path(root).resolve()), "split": split, "max_frames": max_frames, "seed": seed,
-                  "size": list(size), "weights": metric_nets.INCEPTION_FID_WEIGHTS.sha256, "sequences": sequences}
-    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
-    path = Path(cache_dir) / f"frames_{key}.npy"
-    info = {"num_frames": len(frames), "cache_file": str(path), "cache_key": key}
-    if path.is_file():
-        features = np.load(path)
-        if features.shape == (len(frames), 2048):
-            return features, {**info, "cached": True}
-    features = []
-    for i in _progress(range(0, len(frames), batch_size), progress, desc="Inception training frames"):
-        batch = []
-        for seq_dir, index in frames[i:i + batch_size]:
-            rgb = load_sequence(seq_dir, "rgb")
-            if tuple(rgb.shape[1:3]) != tuple(size):
-                raise DatasetError(f"{seq_dir}/rgb: frames are {tuple(rgb.shape[1:3])} but the rollout's are "
-                                   f"{tuple(size)}; evaluate against a dataset at the rollout's resolution")
-            batch.append(np.asarray(rgb[index]))
-        features.append(inception_features(np.stack(batch), batch_size, device))
-    features = np.concatenate(features)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, features)
-    tmp.replace(path)
-    return features, {**info, "cached": False}
+
+    def compute():
+        features = []
+        for i in _progress(range(0, len(frames), batch_size), progress, desc="Inception training frames"):
+            batch = []
+            for seq_dir, index in frames[i:i + batch_size]:
+                rgb = load_sequence(seq_dir, "rgb")
+                if tuple(rgb.shape[1:3]) != tuple(size):
+                    raise DatasetError(f"{seq_dir}/rgb: frames are {tuple(rgb.shape[1:3])} but the rollout's are "
+                                       f"{tuple(size)}; evaluate against a dataset at the rollout's resolution")
+                batch.append(np.asarray(rgb[index]))
+            features.append(inception_features(np.stack(batch), batch_size, device))
+        return np.concatenate(features)
+
+    protocol = {"max_frames": max_frames, "seed": seed, "size": list(size),
+                "weights": metric_nets.INCEPTION_FID_WEIGHTS.sha256}
+    features, info = _cached_features(cache_dir, "frames", root, split, protocol, len(frames), 2048, compute)
+    return features, {"num_frames": len(frames), **info}
 
 
 def fid_over_time(reader, real_features: np.ndarray, window: int = 16, time_stride: int = 1, batch_size=64,

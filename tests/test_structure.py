@@ -311,6 +311,17 @@ def test_step_api_matches_teacher_forcing():
         assert torch.equal(first, teacher.to(torch.uint8))
 
 
+def assert_two_free_frames_are_teacher_forced(model, clip):
+    """Two free-running frames of a deterministic model after 4 context frames equal the teacher-forced
+    predictions of the same frames (the second from the first generated one)."""
+    generated = model.generate(clip[:, :4], 2)[:, 0]
+    with torch.no_grad():
+        first = model(clip, n_past=4)["out"][:, 3].argmax(1)
+        fed = torch.cat([clip[:, :4], generated[:, :1], clip[:, 5:]], 1)
+        second = model(fed, n_past=4)["out"][:, 4].argmax(1)
+    assert torch.equal(generated[:, 0], first.to(torch.uint8)) and torch.equal(generated[:, 1], second.to(torch.uint8))
+
+
 def test_previous_frame_encoding_matches_between_step_api_and_teacher_forcing():
     """structure.previous_frame: the first conv reads each frame with the one before it. Two free-running
     frames of a deterministic model equal the teacher-forced predictions of the same frames (the second
@@ -319,12 +330,7 @@ def test_previous_frame_encoding_matches_between_step_api_and_teacher_forcing():
     model = build_model(tiny_cfg("structure.variant=lstm", "structure.previous_frame=true")).eval()
     assert model.encoder.first_conv.in_channels == 2 * model.num_classes
     clip = random_labels(2, 6, 32, 32, seed=1)
-    generated = model.generate(clip[:, :4], 2)[:, 0]
-    with torch.no_grad():
-        first = model(clip, n_past=4)["out"][:, 3].argmax(1)
-        fed = torch.cat([clip[:, :4], generated[:, :1], clip[:, 5:]], 1)
-        second = model(fed, n_past=4)["out"][:, 4].argmax(1)
-    assert torch.equal(generated[:, 0], first.to(torch.uint8)) and torch.equal(generated[:, 1], second.to(torch.uint8))
+    assert_two_free_frames_are_teacher_forced(model, clip)
     # the previous frame matters: the same frame after another one encodes differently
     code_a, _ = model.encode_frames(clip[:, 4], clip[:, 3])
     code_b, _ = model.encode_frames(clip[:, 4], clip[:, 2])
@@ -349,12 +355,7 @@ def test_pooled_frames_carry_class_fractions_and_match_between_step_api_and_teac
     factor = 32 // model.latent_size[0]
     torch.testing.assert_close(code[:, model.h_channels:model.h_channels + 19], class_fractions(clip[:, 4], 19, factor))
     torch.testing.assert_close(code[:, model.h_channels + 19:], class_fractions(clip[:, 3], 19, factor))
-    generated = model.generate(clip[:, :4], 2)[:, 0]
-    with torch.no_grad():
-        first = model(clip, n_past=4)["out"][:, 3].argmax(1)
-        fed = torch.cat([clip[:, :4], generated[:, :1], clip[:, 5:]], 1)
-        second = model(fed, n_past=4)["out"][:, 4].argmax(1)
-    assert torch.equal(generated[:, 0], first.to(torch.uint8)) and torch.equal(generated[:, 1], second.to(torch.uint8))
+    assert_two_free_frames_are_teacher_forced(model, clip)
     stochastic = build_model(tiny_cfg("structure.pooled_frames=true"))
     assert stochastic.posterior.lstm.convs[0].in_channels == stochastic.code_channels + stochastic.posterior.lstm.width
     with pytest.raises(common.ConfigError, match="pooled_frames"):
