@@ -1,7 +1,7 @@
 """The main job, end to end on the default synthetic data: data -> train -> rollout -> evaluate.
 
-    python demo.py                                   # synthetic driving, ~15 minutes on 2 CPU cores
-    python demo.py --cfg synth_dance.yaml            # synthetic dancing
+    python demo.py                                   # synth_scroll (the default config), ~8 minutes on 2 CPU cores
+    python demo.py --cfg synth_lanes.yaml            # another world
     python demo.py --rollout.frames=500              # any config key, as for the other scripts
 
 Each stage runs only when its output is missing or incomplete: data is generated once, a trained
