@@ -4,7 +4,8 @@
     python bench/bench_rollout.py --batches 1 10 --steps 20 --cfg kitti64.yaml
 
 For the structure step and the image step separately, at each batch size, for
-{eager torch, fused kernels, fused + CUDA graph} x {fp32, bf16}, and for the structure step the baseline
+{eager torch, fused kernels, fused + CUDA graph} x {fp32, bf16} in the rollout's layout (rollout.channels_last;
+on CPU the eager step is also measured contiguous), and for the structure step the baseline
 `plain` (bench/plain_structure.py: the same weights as a plain eager build, nothing fused, every tensor
 contiguous; the speed-up of each mode over it is printed): frame-steps per second (batch x
 steps / time), peak memory, the FLOPs of one step per frame (torch.utils.flop_counter), and the
@@ -17,6 +18,7 @@ of a step does not depend on them. Prints a table and appends rows to bench/roll
 from __future__ import annotations
 
 import argparse
+import copy
 import resource
 import statistics
 import sys
@@ -166,7 +168,12 @@ def main(argv=None):
     triton_ok = on_cuda and torch.cuda.get_device_capability(device) >= (8, 0)
     modes = [("eager", "torch", False)] + ([("fused", "triton", False), ("fused+graph", "triton", True)] if triton_ok else [])
     precisions = ["fp32", "bf16"]
-    structure = structure_model.build_model(cfg).to(device).for_rollout(channels_last=on_cuda)
+    structure = structure_model.build_model(cfg).to(device).for_rollout(channels_last=False)
+    contiguous = structure
+    if cfg.rollout.channels_last:   # the rollout's layout; contiguous measured beside it on CPU
+        structure = copy.deepcopy(contiguous).for_rollout(channels_last=True)
+        if not on_cuda:
+            modes.insert(0, ("eager contiguous", "torch", False))
     image = image_model.build_model(cfg).to(device).eval()
     if not on_cuda:
         print("CPU: fused Triton kernels and CUDA graphs need a CUDA device; measuring the eager torch path.")
@@ -179,15 +186,17 @@ def main(argv=None):
             with torch.inference_mode():
                 stepper = (StructureStep(structure, batch, device, generator) if component == "structure"
                            else ImageStep(image, batch, device, cfg.data.num_classes, cfg.data.size))
+                steppers = {"eager contiguous": StructureStep(contiguous, batch, device, generator)
+                            if component == "structure" else stepper}
                 flops = flops_per_frame(stepper, batch, generator)
-                plain = PlainStructureStep(structure, batch, device, generator) if component == "structure" else None
+                plain = PlainStructureStep(contiguous, batch, device, generator) if component == "structure" else None
             baseline = {}
             for mode, backend, use_graph in ([("plain", "torch", False)] if plain else []) + modes:
                 kernels.set_backend(backend)
                 for precision in precisions:
                     with torch.inference_mode():
-                        seconds, peak = measure(plain if mode == "plain" else stepper, device, precision, use_graph,
-                                                args.steps, generator)
+                        seconds, peak = measure(plain if mode == "plain" else steppers.get(mode, stepper), device,
+                                                precision, use_graph, args.steps, generator)
                     baseline.setdefault(precision, seconds)
                     achieved = flops * batch / seconds
                     rows.append({"device": device_label, "torch": torch.__version__, "triton": triton_version,
