@@ -191,7 +191,8 @@ def main(argv=None):
                 flops = flops_per_frame(stepper, batch, generator)
                 plain = PlainStructureStep(contiguous, batch, device, generator) if component == "structure" else None
             baseline = {}
-            for mode, backend, use_graph in ([("plain", "torch", False)] if plain else []) + modes:
+            component_modes = modes if component == "structure" else [m for m in modes if m[0] != "eager contiguous"]
+            for mode, backend, use_graph in ([("plain", "torch", False)] if plain else []) + component_modes:
                 kernels.set_backend(backend)
                 for precision in precisions:
                     with torch.inference_mode():
