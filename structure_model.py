@@ -327,12 +327,11 @@ class StructureModel(nn.Module):
             raise ValueError(f"structure.skip must be one of {', '.join(SKIP_MODES)}, got {skip!r}")
         if latent not in LATENTS:
             raise ValueError(f"structure.latent must be one of {', '.join(LATENTS)}, got {latent!r}")
-        if previous_frame and variant not in ("svg", "lstm", "cnn"):
-            raise ValueError(f"structure.previous_frame needs argmax label feedback (svg, lstm, cnn), not {variant!r}: "
-                             f"add --structure.previous_frame=false")
-        if pooled_frames and variant not in ("svg", "lstm", "cnn"):
-            raise ValueError(f"structure.pooled_frames needs argmax label feedback (svg, lstm, cnn), not {variant!r}: "
-                             f"add --structure.pooled_frames=false")
+        label_inputs = [name for name, on in (("previous_frame", previous_frame), ("pooled_frames", pooled_frames)) if on]
+        if label_inputs and variant not in ("svg", "lstm", "cnn"):
+            verb = "need" if len(label_inputs) > 1 else "needs"
+            raise ValueError(f"structure.{' and structure.'.join(label_inputs)} {verb} argmax label feedback (svg, "
+                             f"lstm, cnn), not {variant!r}: add " + " ".join(f"--structure.{n}=false" for n in label_inputs))
         self.previous_frame, self.pooled_frames = previous_frame, pooled_frames
         self.variant, self.num_classes, self.size, self.skip = variant, num_classes, tuple(size), skip
         self.stochastic = variant in STOCHASTIC
