@@ -498,3 +498,14 @@ def test_time_limit_stops_with_checkpoint_and_validation(tiny_drive, tmp_path):
                                             "--structure.max_minutes=0.0001"))
     assert result["step"] == 1 and result["history"]["val"][-1][0] == 1
     assert common.read_checkpoint(tmp_path / "structure" / "last.pt")["step"] == 1
+
+
+def test_the_shipped_checkpoint_loads_and_rolls_out():
+    """checkpoints/synth_scroll_structure.pt predates options added since (pooled_frames): its saved config
+    rebuilds it with their defaults, and it still moves."""
+    model = load(ROOT / "checkpoints" / "synth_scroll_structure.pt")
+    assert not model.pooled_frames and model.previous_frame
+    context = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    context[:, :, 20:] = 3
+    frames = model.generate(context, 8, 1, torch.Generator().manual_seed(0))[0, 0]
+    assert frames.shape == (8, 32, 32) and (frames[1:] != frames[:-1]).any()
