@@ -347,7 +347,8 @@ def cached_frame_features(cache_dir, root, split, max_frames, seed, size, batch_
     """FID features of at most `max_frames` training frames (drawn with `seed`; 0: all), cached under a key
     of the protocol, the data and the weights."""
     from data.layout import DatasetError, list_sequences, load_sequence
-    frames = [(p, i) for p in list_sequences(root, split) for i in range(load_sequence(p, "rgb").shape[0])]
+    videos = {p: load_sequence(p, "rgb") for p in list_sequences(root, split)}   # memory-mapped, read once
+    frames = [(p, i) for p, rgb in videos.items() for i in range(rgb.shape[0])]
     if not frames:
         raise DatasetError(f"{Path(root) / split}: no RGB frames for FID")
     if max_frames and len(frames) > max_frames:
@@ -359,7 +360,7 @@ def cached_frame_features(cache_dir, root, split, max_frames, seed, size, batch_
         for i in _progress(range(0, len(frames), batch_size), progress, desc="Inception training frames"):
             batch = []
             for seq_dir, index in frames[i:i + batch_size]:
-                rgb = load_sequence(seq_dir, "rgb")
+                rgb = videos[seq_dir]
                 if tuple(rgb.shape[1:3]) != tuple(size):
                     raise DatasetError(f"{seq_dir}/rgb: frames are {tuple(rgb.shape[1:3])} but the rollout's are "
                                        f"{tuple(size)}; evaluate against a dataset at the rollout's resolution")
@@ -465,13 +466,19 @@ def mean_iou(confusion: np.ndarray, classes=None) -> float:
 
 # ----------------------------------------------------------------------------- label dynamics (is the structure alive?)
 
+def _class_counts(labels, num_classes: int) -> np.ndarray:
+    """uint8 label maps of any shape -> float64 pixel counts of the classes [0, N); void and other indices
+    >= N are left out."""
+    return np.bincount(np.asarray(labels).reshape(-1), minlength=256)[:num_classes].astype(np.float64)
+
+
 def _label_counts(videos, num_classes: int) -> tuple[int, int, np.ndarray]:
     """uint8 label videos (..., T, H, W) -> (pixels whose label differs from the frame before, pixels
-    compared, class counts over [0, N); void and other indices >= N are left out of the counts)."""
+    compared, _class_counts)."""
     videos = np.asarray(videos)
     changed = int((videos[..., 1:, :, :] != videos[..., :-1, :, :]).sum())
     compared = videos[..., 1:, :, :].size
-    return changed, compared, np.bincount(videos.reshape(-1), minlength=256)[:num_classes].astype(np.float64)
+    return changed, compared, _class_counts(videos, num_classes)
 
 
 BIRTH_RADIUS = 3   # pixels: a label is born where its class is absent from the previous frame this close
@@ -553,12 +560,14 @@ def label_dynamics(reader, reference: dict, window: int = 16, time_stride: int =
     pairs = [(a, b) for a in range(reader.num_samples) for b in range(a + 1, reader.num_samples)]
     result = {k: [] for k in ("t", "change_per_step", "births_per_step", "class_mix", "mix_distance",
                               "largest_class_share", "sample_difference")}
-    clip_counts = []   # per window: class counts of each clip over its samples (clips, N)
-    for t in reader.window_starts(window, time_stride):
+    starts = list(reader.window_starts(window, time_stride))
+    late = max(1, len(starts) // 4)   # the last quarter of the windows
+    late_clip_counts = np.zeros((reader.num_clips, num_classes))   # class counts of each clip over its samples
+    for i, t in enumerate(starts):
         videos = reader.all_windows("label", t, window)   # (clips * samples, w, H, W), clip-major
         changed, compared, counts = _label_counts(videos, num_classes)
-        per_clip = videos.reshape(reader.num_clips, -1)
-        clip_counts.append(np.stack([np.bincount(c, minlength=256)[:num_classes] for c in per_clip]))
+        if i >= len(starts) - late:
+            late_clip_counts += [_class_counts(clip, num_classes) for clip in videos.reshape(reader.num_clips, -1)]
         mix = counts / max(counts.sum(), 1.0)
         change = changed / compared if compared else float("nan")   # a one-frame window has no step
         births = _births(videos, num_classes) / compared if compared else float("nan")
@@ -569,7 +578,6 @@ def label_dynamics(reader, reference: dict, window: int = 16, time_stride: int =
                            ("mix_distance", 0.5 * float(np.abs(mix - data_mix).sum())),
                            ("largest_class_share", float(mix.max())), ("sample_difference", differ)):
             result[key].append(value)
-    late = max(1, len(result["t"]) // 4)   # the last quarter of the windows
     change_late = float(np.mean(result["change_per_step"][-late:]))
     births_late = float(np.mean(result["births_per_step"][-late:]))
     mix_late = np.mean(result["class_mix"][-late:], 0)
@@ -580,7 +588,7 @@ def label_dynamics(reader, reference: dict, window: int = 16, time_stride: int =
                   mix_distance_late=float(np.mean(result["mix_distance"][-late:])),
                   class_excess_late=float((mix_late - data_mix).max()),
                   classes_lost_late=[int(c) for c in np.flatnonzero((data_mix >= 0.01) & (mix_late == 0))],
-                  mix_distance_late_own=_own_mix_distance(reader, np.sum(clip_counts[-late:], 0)))
+                  mix_distance_late_own=_own_mix_distance(reader, late_clip_counts))
     return result
 
 
@@ -594,9 +602,9 @@ def _own_mix_distance(reader, late_counts: np.ndarray) -> float | None:
     num_classes = late_counts.shape[1]
     distances = []
     for clip in range(reader.num_clips):
-        seen = np.concatenate([reader.context(clip, "label"), reader.truth(clip, "label")])
-        own = np.bincount(seen.reshape(-1), minlength=256)[:num_classes].astype(np.float64)
-        own, late = own / max(own.sum(), 1.0), late_counts[clip] / max(late_counts[clip].sum(), 1)
+        own = _class_counts(reader.context(clip, "label"), num_classes) + \
+            _class_counts(reader.truth(clip, "label"), num_classes)
+        own, late = own / max(own.sum(), 1.0), late_counts[clip] / max(late_counts[clip].sum(), 1.0)
         distances.append(0.5 * float(np.abs(late - own).sum()))
     return float(np.mean(distances))
 

@@ -62,10 +62,9 @@ def pool_count(size) -> int:
 
 def class_fractions(frames: torch.Tensor, num_classes: int, factor: int) -> torch.Tensor:
     """uint8 label maps (B, H, W) -> the fraction of each class in every factor x factor cell, (B, N, H/f, W/f)
-    fp32; void (an index >= N) counts for no class. A comparison, not F.one_hot, which reads the maximum back to
-    the host (no CUDA graph)."""
-    classes = torch.arange(num_classes, device=frames.device).view(1, -1, 1, 1)
-    return F.avg_pool2d((frames.unsqueeze(1) == classes).float(), factor)
+    fp32; void (an index >= N) counts for no class. kernels.onehot_reference compares against the class ids
+    (F.one_hot would read the maximum back to the host: no CUDA graph)."""
+    return F.avg_pool2d(kernels.onehot_reference(frames, num_classes, torch.float32), factor)
 
 
 def conv3x3(cin: int, cout: int) -> nn.Conv2d:

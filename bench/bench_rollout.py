@@ -186,13 +186,13 @@ def main(argv=None):
             with torch.inference_mode():
                 stepper = (StructureStep(structure, batch, device, generator) if component == "structure"
                            else ImageStep(image, batch, device, cfg.data.num_classes, cfg.data.size))
-                steppers = {"eager contiguous": StructureStep(contiguous, batch, device, generator)
-                            if component == "structure" else stepper}
+                measured = modes if component == "structure" else [m for m in modes if m[0] != "eager contiguous"]
+                steppers = ({"eager contiguous": StructureStep(contiguous, batch, device, generator)}
+                            if ("eager contiguous", "torch", False) in measured else {})
                 flops = flops_per_frame(stepper, batch, generator)
                 plain = PlainStructureStep(contiguous, batch, device, generator) if component == "structure" else None
             baseline = {}
-            component_modes = modes if component == "structure" else [m for m in modes if m[0] != "eager contiguous"]
-            for mode, backend, use_graph in ([("plain", "torch", False)] if plain else []) + component_modes:
+            for mode, backend, use_graph in ([("plain", "torch", False)] if plain else []) + measured:
                 kernels.set_backend(backend)
                 for precision in precisions:
                     with torch.inference_mode():

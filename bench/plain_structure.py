@@ -93,22 +93,21 @@ class PlainStructureStep:
             out, self.posterior_state = self.posterior(code, self.posterior_state)
             mu, logvar = self.posterior_stats(out).float().chunk(2, 1)
             self.noise.normal_(generator=generator)
-            self._advance(mu + self.noise * (0.5 * logvar).exp())
+            self._advance(mu + self.noise * (0.5 * logvar).exp(), generator)
         self.code, self.skips = code, skips
 
-    def _advance(self, z):
+    def _advance(self, z, generator):
+        """Prior and predictor one step on the current code (z from the prior when None); returns g."""
         out, self.prior_state = self.prior(self.code, self.prior_state)
+        if z is None:
+            mu, logvar = self.prior_stats(out).float().chunk(2, 1)
+            self.noise.normal_(generator=generator)
+            z = mu + self.noise * (0.5 * logvar).exp()
         out, self.predictor_state = self.predictor(torch.cat([self.code, z.to(self.code.dtype)], 1), self.predictor_state)
         return self.to_g(out)
 
     def step(self, generator) -> dict:
-        out, prior_state = self.prior(self.code, self.prior_state)
-        mu, logvar = self.prior_stats(out).float().chunk(2, 1)
-        self.noise.normal_(generator=generator)
-        z = mu + self.noise * (0.5 * logvar).exp()
-        out, self.predictor_state = self.predictor(torch.cat([self.code, z.to(self.code.dtype)], 1), self.predictor_state)
-        self.prior_state = prior_state
-        x = self.to_g(out)
+        x = self._advance(None, generator)
         for k, block in enumerate(self.dec_blocks):
             if self.upsample[k]:
                 x = F.interpolate(x, scale_factor=2, mode="nearest")
