@@ -22,7 +22,7 @@
 #   STRUCTURE_MINUTES (default 4) with validation every VAL_EVERY steps (val KL, z_use, motion_free_late over
 #   the steps: docs/opening_the_latent.md), then 4 val clips x 2 samples x CHECK_FRAMES label maps scored by
 #   `evaluate.py --dynamics`; PAPER=1 trains the paper's recipe instead (Gaussian z through the predictor,
-#   plain KL, no born weight). Each config's run (log, loss plot, dynamics plot, last checkpoint) comes back
+#   plain KL, no born weight); STRUCTURE_ARGS adds --key=value options (e.g. "--structure.batch_size=32"). Each config's run (log, loss plot, dynamics plot, last checkpoint) comes back
 #   as structure_<config>.tgz.
 # Every check is cut off after CHECK_TIMEOUT seconds (default 240) and then FAILs, so that one hang cannot
 # take the others' results with it. $OUT receives summary.txt (the PASS/FAIL/SKIP lines), checks.log (every
@@ -81,7 +81,8 @@ structure() {
         minutes=${STRUCTURE_MINUTES:-0.2}; frames=${CHECK_FRAMES:-40}
         data_args=("--data.root=runs/device_check_data_$name" --data.synth_sequences=3 --data.synth_val=1 --data.synth_test=1)
     fi
-    local args=(--cfg "$config" "--run.dir=$run_dir" "${recipe[@]}" "${data_args[@]}")
+    # shellcheck disable=SC2206  # STRUCTURE_ARGS: extra --key=value options, split on spaces
+    local args=(--cfg "$config" "--run.dir=$run_dir" "${recipe[@]}" "${data_args[@]}" ${STRUCTURE_ARGS:-})
     CHECK_TIMEOUT=$(python3 -c "print(int($minutes * 60 + 120))") check "structure_$name" python3 train_structure.py \
         "${args[@]}" "--structure.max_minutes=$minutes" --structure.steps=10000000 \
         "--structure.eval_every=$val_every" "--structure.save_every=$val_every"
@@ -108,11 +109,12 @@ if [ "$PART" != structure ]; then
         python3 -c "import xdist" 2> /dev/null && kernel_tests+=(-n 8)
     fi
     check kernels "${pytest[@]}" "${kernel_tests[@]}" &
-    check resume_struct "${pytest[@]}" tests/test_structure.py::test_resume_equals_uninterrupted &
-    check resume_image "${pytest[@]}" tests/test_image.py::test_resume_equals_uninterrupted &
-    check resume_edge "${pytest[@]}" tests/test_edge.py::test_train_resume_equals_uninterrupted &
+    # -s: the resume and memory checks print what they measured
+    check resume_struct "${pytest[@]}" -s tests/test_structure.py::test_resume_equals_uninterrupted &
+    check resume_image "${pytest[@]}" -s tests/test_image.py::test_resume_equals_uninterrupted &
+    check resume_edge "${pytest[@]}" -s tests/test_edge.py::test_train_resume_equals_uninterrupted &
     check cuda_graph "${pytest[@]}" tests/test_cuda.py -k cuda_graph &
-    check flat_memory "${pytest[@]}" tests/test_cuda.py -k memory_flat &
+    check flat_memory "${pytest[@]}" -s tests/test_cuda.py -k memory_flat &
     check ddp_2gpu "${pytest[@]}" tests/test_cuda.py -k two_gpus &
 fi
 wait  # the benchmarks time the GPU alone

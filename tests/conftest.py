@@ -43,17 +43,29 @@ def triton_only(test):
 
 # ----------------------------------------------------------------------------- trainers on a device
 
-def assert_resumed_equal(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
-    """Resumed == uninterrupted, for the trainers' resume tests (run.device=auto: CUDA where there is one).
-    Bit for bit on CPU. On CUDA the backward kernels that accumulate with atomic adds (the one-hot conv's and
-    the warp's weight gradients) and cuDNN's algorithms sum in a varying order, so the tolerance is stated:
-    every element within 1e-3 (about one Adam step at the trainers' learning rates: a gradient component near
-    zero can flip its update's sign) and the mean difference within 1e-5."""
+def assert_resumed_equal(straight: dict, resumed: dict, rerun) -> None:
+    """A resumed training run ends where the uninterrupted one does: `straight` and `resumed` map names to
+    tensors (weights, buffers). On CPU bit for bit, tensor by tensor. On CUDA the backward kernels that
+    accumulate with atomic adds (the one-hot conv's and the warp's weight gradients) and cuDNN's algorithms
+    sum in a varying order, so two uninterrupted runs can already differ, and tiny models amplify it: on the
+    edge trainer a 1e-6 relative nudge to the weights at the resume point moves weights by up to 5.5e-3
+    three steps later (spectral norm's power iteration is ill-conditioned at initialisation). There
+    `rerun()` trains the uninterrupted run again, and the resumed run must be as close to it as that rerun:
+    mean absolute difference over every element at most 10x the rerun's (+1e-7), bit for bit where the
+    rerun is."""
+    assert straight.keys() == resumed.keys()
     if not torch.cuda.is_available():
-        assert torch.equal(a, b), f"{name} differs after resume"
+        for name in straight:
+            assert torch.equal(straight[name], resumed[name]), f"{name} differs after resume"
         return
-    diff = (a.detach().cpu().double() - b.detach().cpu().double()).abs()
-    assert diff.max() <= 1e-3 and diff.mean() <= 1e-5, f"{name} differs after resume: max {diff.max():.2e}"
+    again = rerun()
+
+    def mean_difference(a: dict, b: dict) -> float:
+        total = sum((a[k].detach().cpu().double() - b[k].detach().cpu().double()).abs().sum() for k in a)
+        return float(total) / sum(a[k].numel() for k in a)
+    noise, gap = mean_difference(straight, again), mean_difference(straight, resumed)
+    print(f"on CUDA: resumed vs uninterrupted {gap:.2e} per element, rerun vs uninterrupted {noise:.2e}")
+    assert gap <= 10 * noise + 1e-7, f"resumed differs by {gap:.2e} per element, a rerun by {noise:.2e}"
 
 
 def seeded(*key) -> torch.Generator:

@@ -58,17 +58,27 @@ def test_cuda_graph_replays_the_eager_kitti64_step(precision):
 
 
 def test_a_2500_frame_rollout_keeps_device_memory_flat(tmp_path):
+    """Peak device memory above what was allocated before the call: a 2500-frame rollout's equals a 500-frame
+    one's. A 50-frame call first settles what is allocated once per process (cuBLAS workspaces, Triton's
+    modules); what stays allocated after a call is printed, not asserted (torch keeps a cuBLAS workspace per
+    stream, and each graph capture runs on a new one)."""
+    import gc
     from tests.test_rollout import _argv, _save_generators
     from tests.conftest import write_random_dataset
     root = write_random_dataset(tmp_path / "data", sequences=2, frames=12, size=(32, 32), num_classes=19,
                                 modalities=("label", "rgb"))
     _save_generators(root, tmp_path / "run")
     peaks = {}
-    for frames in (500, 2500):
+    for frames in (50, 500, 2500):
+        gc.collect()
+        before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         rollout.main(_argv(root, tmp_path / "run", f"--frames={frames}", "--run.device=cuda",
                            "--run.kernel_backend=auto", f"--rollout.out={tmp_path / str(frames)}"))
-        peaks[frames] = torch.cuda.max_memory_allocated()
+        peaks[frames] = torch.cuda.max_memory_allocated() - before
+        gc.collect()
+        print(f"{frames} frames: peak {peaks[frames] / 2**20:.1f} MiB above the start, "
+              f"{(torch.cuda.memory_allocated() - before) / 2**20:.1f} MiB still allocated after")
     assert peaks[2500] - peaks[500] < 2**20, peaks
 
 

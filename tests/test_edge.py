@@ -216,18 +216,24 @@ def test_a_few_steps_reduce_the_loss(toy_root):
 # ----------------------------------------------------------------------------- the script
 
 def test_train_resume_equals_uninterrupted(toy_root, tmp_path):
-    straight = train_edge.main(tiny_args(toy_root, tmp_path / "a", "--steps=6", "--edge.eval_every=3"))
+    def train(folder, *extra):
+        return train_edge.main(tiny_args(toy_root, tmp_path / folder, *extra))
+
+    def weights(folder):
+        modules = common.read_checkpoint(tmp_path / folder / "edge" / "last.pt")["modules"]
+        return {f"{n}.{k}": v for n in ("generator", "discriminator") for k, v in modules[n].items()}
+
+    def rerun():
+        train("again", "--steps=6", "--edge.eval_every=3")
+        return weights("again")
+    straight = train("a", "--steps=6", "--edge.eval_every=3")
     assert straight["step"] == 6
-    first = train_edge.main(tiny_args(toy_root, tmp_path / "b", "--steps=3", "--edge.eval_every=100"))
+    first = train("b", "--steps=3", "--edge.eval_every=100")
     assert first["step"] == 3
-    resumed = train_edge.main(tiny_args(toy_root, tmp_path / "b", "--steps=6", "--edge.eval_every=3", "--resume"))
+    resumed = train("b", "--steps=6", "--edge.eval_every=3", "--resume")
     assert resumed["step"] == 6
-    a = common.read_checkpoint(tmp_path / "a" / "edge" / "last.pt")
-    b = common.read_checkpoint(tmp_path / "b" / "edge" / "last.pt")
-    for name in ("generator", "discriminator"):
-        assert a["modules"][name].keys() == b["modules"][name].keys()
-        for key, value in a["modules"][name].items():
-            assert_resumed_equal(value, b["modules"][name][key], f"{name}.{key}")
+    assert_resumed_equal(weights("a"), weights("b"), rerun)
+    a, b = (common.read_checkpoint(tmp_path / f / "edge" / "last.pt") for f in "ab")
     assert len(a["extra"]["history"]["d"]) == len(b["extra"]["history"]["d"]) == 6
     run = tmp_path / "a" / "edge"
     assert (run / "samples" / "step_000003.png").is_file() and (run / "loss.png").is_file()

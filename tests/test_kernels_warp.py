@@ -155,7 +155,8 @@ def test_torch_backend_matches_vid2vid_style_grid_sample():
     """The public function on the torch path is the usual normalised-grid grid_sample."""
     prev, flow, _, _, _ = inputs((2, 3, 6, 8), torch.float32, "contiguous", 9)
     H, W = 6, 8
-    ys, xs = torch.meshgrid(torch.linspace(-1, 1, H), torch.linspace(-1, 1, W), indexing="ij")
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, H, device=prev.device), torch.linspace(-1, 1, W, device=prev.device),
+                            indexing="ij")
     grid = torch.stack((xs + flow[:, 0] * 2 / (W - 1), ys + flow[:, 1] * 2 / (H - 1)), dim=-1)
     expected = F.grid_sample(prev, grid, mode="bilinear", padding_mode="border", align_corners=True)
     with kernels.using_backend("torch"):
