@@ -10,7 +10,9 @@ onehot_conv3x3(index, weight, bias): conv2d(one_hot(index), weight, bias, paddin
 gathered weights weight[:, index[y + dy, x + dx], dy + 1, dx + 1]. The result is the same sum the
 convolution computes (it only skips the products with zero), accumulated in float32. Ignore values:
 an index outside [0, N) (e.g. 255 for "void") stands for an all-zero one-hot pixel and contributes
-nothing, exactly as it does in the reference. Gradients reach weight and bias (not index).
+nothing, exactly as it does in the reference. Gradients reach weight and bias (not index); the
+weight's is torch's convolution gradient of the materialised one-hot, which is faster on a GPU than
+the kernel we had for it (see _onehot_conv3x3_weight_grad).
 """
 
 import torch
@@ -102,37 +104,6 @@ def _onehot_conv3x3_fwd_kernel(index_ptr, wt_ptr, bias_ptr, out_ptr, N, C_out, H
              acc.to(out_ptr.dtype.element_ty), mask=valid_p[:, None] & valid_o[None, :])
 
 
-@triton.jit
-def _onehot_conv3x3_bwd_kernel(index_ptr, grad_ptr, dwt_ptr, N, C_out, H, W, n_pixels, iters,
-                               i_sb, i_sh, i_sw, g_sb, g_sc, g_sp,
-                               BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr):
-    # dW[o, n, tap] = sum over pixels q with index[q + tap offset] == n of grad[q, o]: per program one
-    # tap, BLOCK_O output channels and a run of iters * BLOCK_P pixels (flattened over the batch), as
-    # the product grad^T (BLOCK_O x BLOCK_P) @ onehot (BLOCK_P x BLOCK_N); runs meet in atomics.
-    tap = tl.program_id(2)
-    out_ch = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
-    cls_range = tl.arange(0, BLOCK_N)
-    valid_o = out_ch < C_out
-    HW = H * W
-    acc = tl.zeros([BLOCK_O, BLOCK_N], dtype=tl.float32)
-    for it in range(iters):
-        q = (tl.program_id(0) * iters + it) * BLOCK_P + tl.arange(0, BLOCK_P)
-        valid_q = q < n_pixels
-        b = (q // HW).to(tl.int64)
-        pix = q % HW
-        grad = tl.load(grad_ptr + b[:, None] * g_sb + out_ch[None, :] * g_sc + pix[:, None] * g_sp,
-                       mask=valid_q[:, None] & valid_o[None, :], other=0.0).to(tl.float32)
-        yy = pix // W + (tap // 3 - 1)
-        xx = pix % W + (tap % 3 - 1)
-        inside = valid_q & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-        cls = tl.load(index_ptr + b * i_sb + yy * i_sh + xx * i_sw, mask=inside, other=0)
-        cls = tl.where(inside & (cls >= 0) & (cls < N), cls.to(tl.int32), -1)
-        onehot = (cls[:, None] == cls_range[None, :]).to(tl.float32)
-        acc += tl.dot(tl.trans(grad), onehot, input_precision="ieee")
-    dst = dwt_ptr + (tap * N + cls_range[None, :]) * C_out + out_ch[:, None]
-    tl.atomic_add(dst, acc, mask=valid_o[:, None] & (cls_range[None, :] < N))
-
-
 # ----------------------------------------------------------------------------- launchers
 
 def _argmax_onehot_launch(logits, with_onehot):
@@ -174,22 +145,13 @@ def _onehot_conv3x3_forward(index, weight, bias, memory_format):
 
 
 def _onehot_conv3x3_weight_grad(index, grad_out, weight_shape):
-    C_out, N = weight_shape[:2]
-    B, H, W = index.shape
-    grad_wt = torch.zeros((9, N, C_out), dtype=torch.float32, device=grad_out.device)
-    n_pixels = B * H * W
-    if n_pixels > 0 and C_out > 0:
-        grad_out = _dispatch.walkable(grad_out)
-        block_o = max(16, min(64, triton.next_power_of_2(C_out)))
-        block_n = max(16, triton.next_power_of_2(N))
-        block_p = 512 if _dispatch.INTERPRET else 64
-        iters = max(1, min(128 if not _dispatch.INTERPRET else 1, triton.cdiv(n_pixels, block_p)))
-        grid = (triton.cdiv(n_pixels, block_p * iters), triton.cdiv(C_out, block_o), 9)
-        _onehot_conv3x3_bwd_kernel[grid](index, grad_out, grad_wt, N, C_out, H, W, n_pixels, iters,
-                                         *index.stride(), grad_out.stride(0), grad_out.stride(1),
-                                         _dispatch.pixel_stride(grad_out),
-                                         BLOCK_P=block_p, BLOCK_O=block_o, BLOCK_N=block_n)
-    return grad_wt.view(3, 3, N, C_out).permute(3, 2, 0, 1)
+    """torch's convolution weight gradient of the materialised one-hot, in the reference's precision. A
+    Triton kernel that summed the taps' products per class with atomic adds took twice the whole unfused
+    forward + backward on an H200 (README, Kernels; bench/kernels.csv, commit e44cb5f), so the fused op
+    keeps only its forward."""
+    dtype = _dispatch.opmath_dtype(grad_out.dtype)
+    onehot = onehot_reference(index, weight_shape[1], dtype)
+    return torch.nn.grad.conv2d_weight(onehot, weight_shape, grad_out.to(dtype), padding=1)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -207,14 +169,7 @@ class OneHotConv3x3Function(torch.autograd.Function):
         (index,) = ctx.saved_tensors
         grad_weight = grad_bias = None
         if ctx.needs_input_grad[1]:
-            try:
-                grad_weight = _onehot_conv3x3_weight_grad(index, grad_out, ctx.weight_shape)
-            except Exception as err:
-                weight = torch.zeros(ctx.weight_shape, dtype=ctx.weight_dtype, device=grad_out.device)
-                grad_weight = _dispatch.reference_backward(
-                    "onehot_conv3x3", err, onehot_conv3x3_reference, (index, weight, None, ctx.memory_format),
-                    (grad_out,), (False, True, False, False))[1]
-            grad_weight = grad_weight.to(ctx.weight_dtype).contiguous()
+            grad_weight = _onehot_conv3x3_weight_grad(index, grad_out, ctx.weight_shape).to(ctx.weight_dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum(dim=(0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)
         return None, grad_weight, grad_bias, None
