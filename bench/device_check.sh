@@ -22,8 +22,8 @@
 #   STRUCTURE_MINUTES (default 4) with validation every VAL_EVERY steps (val KL, z_use, motion_free_late over
 #   the steps: docs/opening_the_latent.md), then 4 val clips x 2 samples x CHECK_FRAMES label maps scored by
 #   `evaluate.py --dynamics`; PAPER=1 trains the paper's recipe instead (Gaussian z through the predictor,
-#   plain KL, no born weight); STRUCTURE_ARGS adds --key=value options (e.g. "--structure.batch_size=32"). Each config's run (log, loss plot, dynamics plot, last checkpoint) comes back
-#   as structure_<config>.tgz.
+#   plain KL, no born weight); STRUCTURE_ARGS adds --key=value options (e.g. "--structure.batch_size=32").
+#   Each config's run (log, loss plot, dynamics plot, last checkpoint) comes back as structure_<config>.tgz.
 # Every check is cut off after CHECK_TIMEOUT seconds (default 240) and then FAILs, so that one hang cannot
 # take the others' results with it. $OUT receives summary.txt (the PASS/FAIL/SKIP lines), checks.log (every
 # check's output), env.txt, the CSVs and the structure runs' archives: at most 8 files, as the device tool
@@ -72,7 +72,7 @@ check() {
 # structure CONFIG: train, roll out, score; the run's files archived into $OUT/structure_<config>.tgz
 structure() {
     local config=$1 name=${1%.yaml}
-    local minutes=${STRUCTURE_MINUTES:-4} frames=${CHECK_FRAMES:-500} val_every=${VAL_EVERY:-2000}
+    local minutes=${STRUCTURE_MINUTES:-4} frames=${CHECK_FRAMES:-2500} val_every=${VAL_EVERY:-2000}
     local run_dir=${RUN_DIR:-runs/device_check}_$name
     local recipe=() data_args=()
     [ "${PAPER:-0}" = 1 ] && recipe=(--structure.latent=gaussian --structure.z_to_decoder=false
