@@ -479,7 +479,7 @@ class StructureModel(nn.Module):
     def fed_back(self, raw: torch.Tensor):
         """What a prediction feeds back, from the decoder's fp32 output: (frames, None) with the argmax indices
         (svg, lstm, cnn; uint8), or (None, x) with the softmax (soft) or the RGB frame in [-1, 1] (rgb).
-        The rollout step uses it; encode_input() encodes it.
+        The rollout step uses it; encode_input() encodes it."""
         if self.variant == "rgb":
             return None, torch.tanh(raw)
         if self.variant == "soft":
