@@ -47,12 +47,11 @@ def assert_resumed_equal(straight: dict, resumed: dict, rerun) -> None:
     """A resumed training run ends where the uninterrupted one does: `straight` and `resumed` map names to
     tensors (weights, buffers). On CPU bit for bit, tensor by tensor. On CUDA the warp's backward kernel
     (atomic adds) and cuDNN's algorithms sum in a varying order, so two uninterrupted runs can already
-    differ, and tiny models amplify it: on the
-    edge trainer a 1e-6 relative nudge to the weights at the resume point moves weights by up to 5.5e-3
-    three steps later (spectral norm's power iteration is ill-conditioned at initialisation). There
-    `rerun()` trains the uninterrupted run again, and the resumed run must be as close to it as that rerun:
-    mean absolute difference over every element at most 10x the rerun's (+1e-7), bit for bit where the
-    rerun is."""
+    differ, and tiny models amplify it: on the edge trainer a 1e-6 relative nudge to the weights at the
+    resume point moves weights by up to 5.5e-3 three steps later (spectral norm's power iteration is
+    ill-conditioned at initialisation). There `rerun()` trains the uninterrupted run again, and the resumed
+    run must be as close to it as that rerun: mean absolute difference over every element at most 10x the
+    rerun's (+1e-7), bit for bit where the rerun is."""
     assert straight.keys() == resumed.keys()
     if not torch.cuda.is_available():
         for name in straight:
