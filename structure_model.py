@@ -259,11 +259,12 @@ class MixturePriorLatent:
         self.noise_channels = z_channels + 1
 
     def mixture(self, p: torch.Tensor):
-        """Prior statistics -> mu, logvar (B, K, Z, h, w) and log mixture weights (B, K, h, w)."""
+        """Prior statistics -> mu, logvar (B, K, Z, h, w) and log mixture weights (B, K, h, w), or (1, K, 1, 1)
+        when uniform (they broadcast; nothing per cell to allocate on a rollout step)."""
         k, z = self.components, self.z_channels
         mu, logvar = p[:, :2 * k * z].unflatten(1, (2, k, z)).unbind(1)
         if not self.learn_weights:
-            return mu, logvar, p.new_full((p.shape[0], k, *p.shape[2:]), -math.log(k))
+            return mu, logvar, p.new_full((1, k, 1, 1), -math.log(k))
         return mu, logvar, p[:, 2 * k * z:].log_softmax(1)
 
     def sample_posterior(self, stats: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

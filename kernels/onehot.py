@@ -160,7 +160,7 @@ class OneHotConv3x3Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, index, weight, bias, memory_format):
         ctx.save_for_backward(index)
-        ctx.weight_shape, ctx.weight_dtype, ctx.memory_format = tuple(weight.shape), weight.dtype, memory_format
+        ctx.weight_shape, ctx.weight_dtype = tuple(weight.shape), weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return _onehot_conv3x3_forward(index, weight, bias, memory_format)
 

@@ -219,21 +219,23 @@ def test_train_resume_equals_uninterrupted(toy_root, tmp_path):
     def train(folder, *extra):
         return train_edge.main(tiny_args(toy_root, tmp_path / folder, *extra))
 
-    def weights(folder):
-        modules = common.read_checkpoint(tmp_path / folder / "edge" / "last.pt")["modules"]
-        return {f"{n}.{k}": v for n in ("generator", "discriminator") for k, v in modules[n].items()}
+    def checkpoint(folder):
+        return common.read_checkpoint(tmp_path / folder / "edge" / "last.pt")
+
+    def weights(payload):
+        return {f"{n}.{k}": v for n in ("generator", "discriminator") for k, v in payload["modules"][n].items()}
 
     def rerun():
         train("again", "--steps=6", "--edge.eval_every=3")
-        return weights("again")
+        return weights(checkpoint("again"))
     straight = train("a", "--steps=6", "--edge.eval_every=3")
     assert straight["step"] == 6
     first = train("b", "--steps=3", "--edge.eval_every=100")
     assert first["step"] == 3
     resumed = train("b", "--steps=6", "--edge.eval_every=3", "--resume")
     assert resumed["step"] == 6
-    assert_resumed_equal(weights("a"), weights("b"), rerun)
-    a, b = (common.read_checkpoint(tmp_path / f / "edge" / "last.pt") for f in "ab")
+    a, b = checkpoint("a"), checkpoint("b")
+    assert_resumed_equal(weights(a), weights(b), rerun)
     assert len(a["extra"]["history"]["d"]) == len(b["extra"]["history"]["d"]) == 6
     run = tmp_path / "a" / "edge"
     assert (run / "samples" / "step_000003.png").is_file() and (run / "loss.png").is_file()
