@@ -35,3 +35,17 @@ def test_plain_eager_structure_step_gives_the_models_frames():
     assert changed > 0, "random weights that predict a still frame would not test the feedback"
     for t, (a, b) in enumerate(zip(expected, got)):
         assert torch.equal(a, b), f"step {t}: {(a != b).float().mean():.4%} of the pixels differ"
+
+
+def test_training_bench_runs_each_trainers_real_step():
+    """bench_training times train_step of all three trainers on random inputs; each case must train (finite
+    losses), or its numbers time an error path."""
+    import bench_training
+    for config, component in (("synth_scroll.yaml", "structure"), ("synth_scroll.yaml", "image"),
+                              ("synth_drive.yaml", "edge")):
+        cfg = common.load_config(config, ["run.precision=fp32"])
+        factory, cases, shape = bench_training.COMPONENTS[component]
+        losses = factory(cfg, cases[0][1])(0)
+        assert losses, component
+        assert all(torch.isfinite(torch.as_tensor(v)).all() for v in losses.values()), (component, losses)
+        assert shape(cfg)[0] >= 1
