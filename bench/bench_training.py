@@ -10,7 +10,7 @@ seconds per step over --steps timed steps after 5 warm-up steps:
   {fp32, bf16 autocast}, contiguous fp32 the baseline;
 - image: train_image.train_step (generator, image and video discriminators, both Adam steps) on clips of
   image.tau + image.frames_max frames (the curriculum's longest), for {fp32 (the baseline), bf16 autocast};
-- edge: train_edge.train_step (discriminator, then generator) on image.batch_size frames, {fp32, bf16}.
+- edge: train_edge.train_step (discriminator, then generator) on edge.batch_size frames, {fp32, bf16}.
 bf16 rows only where the CPU has AVX512-BF16 or AMX (emulated bf16 is slower than fp32). The baseline's
 row is the plain eager loop in fp32; the others print their speed-up over it at the same thread count.
 Prints a table and appends rows to bench/training.csv.
