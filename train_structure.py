@@ -9,8 +9,8 @@
 Objective (paper eq. 1) per training clip of T frames, teacher forced (true frames in, z from the
 posterior): sum over t = 1..T-1 of NLL(s_t) (mean over pixels) + beta * KL(q(z_t) || p(z_t)) (summed over
 latent elements, mean over the batch). Ablations: structure.variant = lstm | cnn | soft | rgb.
-Optional, off by default (docs/design.md, "Opening the latent"): kl_balance (the KL term), born_weight and
-born_weight_decay (the NLL of born pixels), latent=mixture, z_to_decoder and z_pool (the model).
+Optional, off by default (docs/design.md, "Opening the latent"): kl_balance (the KL term), born_weight,
+born_weight_decay and born_weight_floor (the NLL of born pixels), latent=mixture, z_to_decoder and z_pool (the model).
 Outputs in RUN_DIR/structure/: last.pt (+ last.yaml), samples/*.gif (context | prediction | truth),
 loss.png, log.txt. The model classes and the rollout step API live in structure_model.py.
 """
@@ -43,6 +43,14 @@ def budget_used(cfg, step: int, seconds: float, clock_fraction: float, device) -
         clock = torch.tensor([seconds / (60 * s.max_minutes)], device=device)
         clock_fraction = float(common.all_reduce_mean(clock))
     return max(step / max(1, s.steps), clock_fraction), clock_fraction
+
+
+def born_weight_at(s, used: float) -> float:
+    """The born pixels' weight w at a fraction `used` of the budget: decayed over the budget (born_weight_decay),
+    the weight opens the latent early and leaves a calibrated decoder; born_weight_floor keeps born pixels
+    above that, so a birth drawn from the prior is rendered whole rather than as the fragment whose pixels
+    stay under one half (docs/opening_the_latent.md, "What the lanes rollouts draw")."""
+    return s.born_weight * ((1 - used) if s.born_weight_decay else 1.0) + s.born_weight_floor
 
 
 def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ignore_index: int,
@@ -277,8 +285,7 @@ def main(argv=None) -> dict:
         while step < s.steps:
             if s.born_weight_decay:  # the only reader of the budget (and the clock)
                 used, clock_fraction = budget_used(cfg, step, time.time() - loop_start, clock_fraction, device)
-            # decayed to 0 over the budget, the weight opens the latent early and leaves a calibrated decoder
-            born_weight = s.born_weight * ((1 - used) if s.born_weight_decay else 1.0)
+            born_weight = born_weight_at(s, used)
             frames = next(loader)[modality].to(device, non_blocking=True)
             losses = train_step(trained, optimizer, scaler, frames, cfg, step, ignore_index, born_weight, finite)
             step += 1

@@ -276,6 +276,15 @@ def test_born_weight_weighs_the_nll_of_born_pixels_only():
     assert torch.allclose(weighted, (nll * (1 + 30 * born.float())).mean((2, 3)).sum())
 
 
+def test_born_weight_decays_to_its_floor():
+    s = tiny_cfg("structure.born_weight=30", "structure.born_weight_decay=true", "structure.born_weight_floor=3").structure
+    assert [train_structure.born_weight_at(s, used) for used in (0.0, 0.5, 1.0)] == [33.0, 18.0, 3.0]
+    s = tiny_cfg("structure.born_weight=30").structure
+    assert train_structure.born_weight_at(s, 0.9) == 30.0
+    with pytest.raises(common.ConfigError, match="born_weight_floor"):
+        tiny_cfg("structure.born_weight_floor=-1")
+
+
 def test_ddp_two_ranks_stay_identical(tiny_drive, tmp_path, master_port):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={master_port}",
                str(ROOT / "train_structure.py"), *tiny_args(tiny_drive, tmp_path, "--structure.steps=3")]
