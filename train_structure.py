@@ -48,8 +48,7 @@ def budget_used(cfg, step: int, seconds: float, clock_fraction: float, device) -
 def born_weight_at(s, used: float) -> float:
     """The born pixels' weight w at a fraction `used` of the budget: decayed over the budget (born_weight_decay),
     the weight opens the latent early and leaves a calibrated decoder; born_weight_floor keeps born pixels
-    above that, so a birth drawn from the prior is rendered whole rather than as the fragment whose pixels
-    stay under one half (docs/opening_the_latent.md, "What the lanes rollouts draw")."""
+    weighted 1 + floor at the end, which moved rollouts faster (docs/opening_the_latent.md, runs BF3)."""
     return s.born_weight * ((1 - used) if s.born_weight_decay else 1.0) + s.born_weight_floor
 
 
