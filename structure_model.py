@@ -429,17 +429,21 @@ class StructureModel(nn.Module):
     # ------------------------------------------------------------------ teacher forcing
 
     def forward(self, frames: torch.Tensor, n_past: int, generator: torch.Generator | None = None,
-                prior_z: bool = False) -> dict:
+                prior_z: bool = False, inputs: torch.Tensor | None = None) -> dict:
         """Teacher-forced pass over a clip. frames: uint8 labels (B, T, H, W) or RGB (B, T, 3, H, W).
         Targets are frames 1..T-1, each predicted from the true frames before it with z from the posterior
         of the true target (prior_z: from the prior, as at rollout; a diagnostic of how much the decoder
-        uses z and of how well the prior matches the posterior). Returns out (B, T-1, C, H, W) log-probabilities (or RGB) and kl (B, T-1), zero
+        uses z and of how well the prior matches the posterior). `inputs` (default frames) are the frames fed as the past,
+        which the prior, the predictor and the skips read, e.g. the model's own drafts (structure.own_inputs). Returns out (B, T-1, C, H, W) log-probabilities (or RGB) and kl (B, T-1), zero
         without a latent, and kl_prior / kl_posterior, the same values with gradients to one side only."""
         batch, length = frames.shape[:2]
-        previous = torch.cat([frames[:, :1], frames[:, :-1]], 1).flatten(0, 1) if self.previous_frame else None
-        codes, skips = self.encode_frames(frames.flatten(0, 1), previous)
+        fed = frames if inputs is None else inputs
+        previous = torch.cat([fed[:, :1], fed[:, :-1]], 1).flatten(0, 1) if self.previous_frame else None
+        codes, skips = self.encode_frames(fed.flatten(0, 1), previous)
         codes = codes.view(batch, length, *codes.shape[1:])
         skips = [s.view(batch, length, *s.shape[1:]) for s in skips]
+        # the posterior reads each true target with the frame fed before it, as when a rollout observes
+        targets = codes if inputs is None else self.encode_frames(frames.flatten(0, 1), previous)[0].view(codes.shape)
         latent_h, latent_w = self.latent_size
         device = codes.device
         if self.stochastic:
@@ -456,7 +460,7 @@ class StructureModel(nn.Module):
         for t in range(1, 1 if self.variant == "cnn" else length):
             z = None
             if self.stochastic:
-                stats_q, post_state = self.posterior(codes[:, t], post_state)
+                stats_q, post_state = self.posterior(targets[:, t], post_state)
                 stats_p, prior_state = self.prior(codes[:, t - 1], prior_state)
                 noise = torch.randn(batch, self.latent.noise_channels, *self.z_size, generator=generator, device=device)
                 z_q = self.latent.sample_posterior(stats_q, noise)

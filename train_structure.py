@@ -10,7 +10,8 @@ Objective (paper eq. 1) per training clip of T frames, teacher forced (true fram
 posterior): sum over t = 1..T-1 of NLL(s_t) (mean over pixels) + beta * KL(q(z_t) || p(z_t)) (summed over
 latent elements, mean over the batch). Ablations: structure.variant = lstm | cnn | soft | rgb.
 Optional, off by default (docs/design.md, "Opening the latent"): kl_balance (the KL term), born_weight,
-born_weight_decay and born_weight_floor (the NLL of born pixels), latent=mixture, z_to_decoder and z_pool (the model).
+born_weight_decay and born_weight_floor (the NLL of born pixels), own_inputs (the model's own drafts fed back),
+latent=mixture, z_to_decoder and z_pool (the model).
 Outputs in RUN_DIR/structure/: last.pt (+ last.yaml), samples/*.gif (context | prediction | truth),
 loss.png, log.txt. The model classes and the rollout step API live in structure_model.py.
 """
@@ -81,14 +82,30 @@ def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ig
     return {"loss": loss, "nll": recon.detach().mean(), "kl": kl.detach().mean()}
 
 
+def own_inputs(model: StructureModel, frames: torch.Tensor, cfg) -> torch.Tensor:
+    """frames with each future frame that a later step reads replaced, with probability structure.own_inputs,
+    by the model's own prediction of it from the true past with z from the prior (a no-grad teacher-forced
+    pass): what a rollout feeds back, so the model learns to continue from its own drafts."""
+    s = cfg.structure
+    with torch.no_grad(), common.autocast(frames.device, cfg.run.precision):
+        drafts = model(frames, s.n_past, prior_z=True)["out"].argmax(2).to(frames.dtype)   # frames 1..T-1
+    replace = torch.rand(frames.shape[:2], device=frames.device) < s.own_inputs
+    replace[:, :s.n_past] = False
+    replace[:, -1] = False                                    # the last frame is only a target
+    inputs = frames.clone()
+    inputs[:, 1:][replace[:, 1:]] = drafts[replace[:, 1:]]
+    return inputs
+
+
 def train_step(trained, optimizer, scaler, frames: torch.Tensor, cfg, step: int, ignore_index: int,
                born_weight: float, finite: common.FiniteLosses) -> dict:
     """One optimiser step on a batch of clips (B, T, H, W), teacher forced with z from the posterior;
     `trained` is the model or its DDP wrapper. Returns clip_loss's values (on the device); a non-finite
     loss skips the update or stops the run (run.on_nonfinite, through `finite`)."""
     s, model = cfg.structure, common.unwrap(trained)
+    inputs = own_inputs(model, frames, cfg) if s.own_inputs > 0 else None
     with common.autocast(frames.device, cfg.run.precision):
-        result = trained(frames, s.n_past)
+        result = trained(frames, s.n_past, inputs=inputs)
     losses = clip_loss(model, result, frames, cfg, ignore_index, born_weight)
     optimizer.zero_grad(set_to_none=True)
     if finite.ok(losses["loss"], step):

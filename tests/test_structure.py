@@ -285,6 +285,32 @@ def test_born_weight_decays_to_its_floor():
         tiny_cfg("structure.born_weight_floor=-1")
 
 
+def test_own_inputs_replace_only_future_frames_by_the_models_prior_drafts():
+    torch.manual_seed(0)
+    cfg = tiny_cfg("structure.own_inputs=1.0", "structure.previous_frame=true", "structure.pooled_frames=true")
+    model = build_model(cfg)
+    frames = random_labels(2, 6, 32, 32, seed=3)
+    state = torch.get_rng_state()
+    inputs = train_structure.own_inputs(model, frames, cfg)
+    torch.set_rng_state(state)                               # the same prior draws, made here by hand
+    with torch.no_grad():
+        drafts = model(frames, 3, prior_z=True)["out"].argmax(2).to(torch.uint8)
+    # the context and the last frame (no later step reads it) are the truth, every other frame the draft
+    assert torch.equal(inputs[:, :3], frames[:, :3]) and torch.equal(inputs[:, 3:5], drafts[:, 2:4])
+    assert torch.equal(inputs[:, 5], frames[:, 5])
+    assert not torch.equal(inputs[:, 3:5], frames[:, 3:5])
+    assert torch.equal(train_structure.own_inputs(build_model(tiny_cfg("structure.own_inputs=0.0")), frames,
+                                                  tiny_cfg("structure.own_inputs=0.0")), frames)
+    # fed the truth, forward() is the teacher-forced pass; fed drafts, the prior and the skips read them while the
+    # posterior still reads the true targets, so the KL changes and the reconstruction of truth stays the target
+    same = [model(frames, 3, generator=torch.Generator().manual_seed(1), inputs=x)["out"] for x in (frames, None)]
+    assert torch.equal(*same)
+    fed = model(frames, 3, generator=torch.Generator().manual_seed(1), inputs=inputs)
+    assert not torch.allclose(fed["out"], same[0])
+    with pytest.raises(common.ConfigError, match="own_inputs"):
+        tiny_cfg("structure.own_inputs=1.5")
+
+
 def test_ddp_two_ranks_stay_identical(tiny_drive, tmp_path, master_port):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={master_port}",
                str(ROOT / "train_structure.py"), *tiny_args(tiny_drive, tmp_path, "--structure.steps=3")]
