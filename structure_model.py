@@ -279,13 +279,6 @@ class MixturePriorLatent:
         mu, logvar = mu.gather(1, pick).squeeze(1), logvar.gather(1, pick).squeeze(1)
         return mu + noise[:, :self.z_channels] * (0.5 * logvar).exp()
 
-    def sample_responsible(self, p: torch.Tensor, z: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        mu, logvar, log_weights = self.mixture(p)
-        score = log_weights + gaussian_log_density(z.unsqueeze(1), mu, logvar).sum(2)        # (B, K, h, w)
-        pick = score.argmax(1, keepdim=True).unsqueeze(2).expand(-1, -1, self.z_channels, -1, -1)
-        mu, logvar = mu.gather(1, pick).squeeze(1), logvar.gather(1, pick).squeeze(1)
-        return mu + noise[:, :self.z_channels] * (0.5 * logvar).exp()
-
     def kl(self, q: torch.Tensor, p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         log_q = gaussian_log_density(z, *q.chunk(2, 1)).sum(1)                               # (B, h, w)
         mu, logvar, log_weights = self.mixture(p)
@@ -472,8 +465,7 @@ class StructureModel(nn.Module):
                 stats_p, prior_state = self.prior(codes[:, t - 1], prior_state)
                 noise = torch.randn(batch, self.latent.noise_channels, *self.z_size, generator=generator, device=device)
                 z_q = self.latent.sample_posterior(stats_q, noise)
-                z = (self.latent.sample_responsible(stats_p, z_q, noise) if prior_z == "responsible"
-                     else self.latent.sample_prior(stats_p, noise) if prior_z else z_q)
+                z = self.latent.sample_prior(stats_p, noise) if prior_z else z_q
                 kls.append(self.latent.kl(stats_q, stats_p, z_q))
                 # the same value with gradients to one side only (KL balancing)
                 kls_prior.append(self.latent.kl(stats_q.detach(), stats_p, z_q.detach()))

@@ -88,7 +88,7 @@ def own_inputs(model: StructureModel, frames: torch.Tensor, cfg) -> torch.Tensor
     pass): what a rollout feeds back, so the model learns to continue from its own drafts."""
     s = cfg.structure
     with torch.no_grad(), common.autocast(frames.device, cfg.run.precision):
-        drafts = model(frames, s.n_past, prior_z=__import__("os").environ.get("HVP_DRAFT_Z", True))["out"].argmax(2).to(frames.dtype)   # frames 1..T-1
+        drafts = model(frames, s.n_past, prior_z=True)["out"].argmax(2).to(frames.dtype)   # frames 1..T-1
     replace = torch.rand(frames.shape[:2], device=frames.device) < s.own_inputs
     replace[:, :s.n_past] = False
     replace[:, -1] = False                                    # the last frame is only a target
