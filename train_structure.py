@@ -222,7 +222,9 @@ def check_config(cfg, world_size: int) -> None:
               (s.sample_format in ("gif", "mp4"), f"structure.sample_format must be gif or mp4, got {s.sample_format!r}"),
               (len(s.adam_betas) == 2, f"structure.adam_betas must be [beta1, beta2], got {s.adam_betas!r}"),
               (s.batch_size >= world_size and s.batch_size % world_size == 0,
-               f"structure.batch_size={s.batch_size} must be a multiple of the {world_size} DDP ranks")]
+               f"structure.batch_size={s.batch_size} must be a multiple of the {world_size} DDP ranks"),
+              (s.own_inputs == 0 or s.variant not in ("soft", "rgb"),   # they feed back no label map to draft
+               f"structure.own_inputs needs a variant that feeds back label maps, not {s.variant}")]
     for ok, message in checks:
         if not ok:
             raise common.ConfigError(message)

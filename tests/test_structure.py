@@ -309,6 +309,8 @@ def test_own_inputs_replace_only_future_frames_by_the_models_prior_drafts():
     assert not torch.allclose(fed["out"], same[0])
     with pytest.raises(common.ConfigError, match="own_inputs"):
         tiny_cfg("structure.own_inputs=1.5")
+    with pytest.raises(common.ConfigError, match="own_inputs"):
+        train_structure.check_config(tiny_cfg("structure.own_inputs=0.5", "structure.variant=rgb"), 1)
 
 
 def test_ddp_two_ranks_stay_identical(tiny_drive, tmp_path, master_port):
