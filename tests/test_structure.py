@@ -299,8 +299,8 @@ def test_own_inputs_replace_only_future_frames_by_the_models_prior_drafts():
     assert torch.equal(inputs[:, :3], frames[:, :3]) and torch.equal(inputs[:, 3:5], drafts[:, 2:4])
     assert torch.equal(inputs[:, 5], frames[:, 5])
     assert not torch.equal(inputs[:, 3:5], frames[:, 3:5])
-    assert torch.equal(train_structure.own_inputs(build_model(tiny_cfg("structure.own_inputs=0.0")), frames,
-                                                  tiny_cfg("structure.own_inputs=0.0")), frames)
+    off = tiny_cfg("structure.own_inputs=0.0")
+    assert torch.equal(train_structure.own_inputs(build_model(off), frames, off), frames)
     # fed the truth, forward() is the teacher-forced pass; fed drafts, the prior and the skips read them while the
     # posterior still reads the true targets, so the KL changes and the reconstruction of truth stays the target
     same = [model(frames, 3, generator=torch.Generator().manual_seed(1), inputs=x)["out"] for x in (frames, None)]
