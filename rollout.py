@@ -5,15 +5,17 @@
     torchrun --nproc 8 rollout.py --cfg kitti64.yaml --frames 2500   # clips split over GPUs
 
 Loads the structure (+ boundary) + image generator checkpoints of the run (or the ones named by
-rollout.*_ckpt), takes `clips` context clips from a split, draws `samples` futures per clip as one
-batch, and steps all of them together: structure.step -> predict_boundaries -> image.step. One step
-is one step of the generators' training clips (structure.stride = image.stride source frames; the
-context, the kept ground truth and the protocol use the same step). Frames
-are buffered on the device for `chunk` steps, then written as uint8 chunks (data/rollout_io.py), so
-memory is flat in --frames. After each chunk the recurrent state and the noise generator are saved,
-so an interrupted rollout (Ctrl-C, SIGTERM, a crash) resumes from its last complete chunk and gives
-exactly the frames the uninterrupted run would have. The hot loop is inference-only, shape-static
-and free of host synchronisation; on CUDA one step is captured in a CUDA graph.
+rollout.*_ckpt; without a trained structure generator, the one shipped in checkpoints/ for the run
+folder's name, label maps only unless an image generator is trained), takes `clips` context clips
+from a split, draws `samples` futures per clip as one batch, and steps all of them together:
+structure.step -> predict_boundaries -> image.step. One step is one step of the generators' training
+clips (structure.stride = image.stride source frames; the context, the kept ground truth and the
+protocol use the same step). Frames are buffered on the device for `chunk` steps, then written as
+uint8 chunks (data/rollout_io.py), so memory is flat in --frames. After each chunk the recurrent state
+and the noise generator are saved, so an interrupted rollout (Ctrl-C, SIGTERM, a crash) resumes from
+its last complete chunk and gives exactly the frames the uninterrupted run would have. The hot loop
+is inference-only, shape-static and free of host synchronisation; on CUDA one step is captured in a
+CUDA graph.
 """
 from __future__ import annotations
 
@@ -46,6 +48,15 @@ def checkpoint_path(cfg, key: str, component: str) -> Path:
     return Path(named) if named else Path(cfg.run.dir) / component / "last.pt"
 
 
+def shipped_structure(cfg) -> Path | None:
+    """checkpoints/<run folder name>_structure.pt, the long-trained generator that ships with the repository,
+    when neither rollout.structure_ckpt nor a trained RUN_DIR/structure/last.pt names another."""
+    if cfg.rollout.structure_ckpt or checkpoint_path(cfg, "structure_ckpt", "structure").exists():
+        return None
+    shipped = common.ROOT / "checkpoints" / f"{Path(cfg.run.dir).name}_structure.pt"
+    return shipped if shipped.exists() else None
+
+
 class Pipeline:
     """The generators behind one step with fixed buffers: call init() with the context, then step()."""
 
@@ -67,10 +78,16 @@ class Pipeline:
 
     @classmethod
     def from_checkpoints(cls, cfg, device) -> "Pipeline":
-        structure = structure_model.load(checkpoint_path(cfg, "structure_ckpt", "structure"), cfg, device)
+        shipped = shipped_structure(cfg)
+        if shipped is not None:
+            common.log(f"no {checkpoint_path(cfg, 'structure_ckpt', 'structure')}: rolling out the shipped {shipped}")
+        structure = structure_model.load(shipped or checkpoint_path(cfg, "structure_ckpt", "structure"), cfg, device)
         image = edge = None
-        if structure.variant != "rgb" and cfg.rollout.image_ckpt != "none":
-            image = image_model.load(checkpoint_path(cfg, "image_ckpt", "image"), cfg, device)
+        image_path = checkpoint_path(cfg, "image_ckpt", "image")
+        if shipped is not None and not cfg.rollout.image_ckpt and not image_path.exists():
+            common.log(f"no {image_path}: label maps only")
+        elif structure.variant != "rgb" and cfg.rollout.image_ckpt != "none":
+            image = image_model.load(image_path, cfg, device)
             if image.use_edges:
                 edge = edge_model.load(checkpoint_path(cfg, "edge_ckpt", "edge"), cfg, device)
         # one step of the rollout is one step of the structure generator's training clips; the image

@@ -153,6 +153,23 @@ def test_missing_and_mismatched_checkpoints_are_refused(tiny_drive, tmp_path):
         rollout.main(_argv(tiny_drive, tmp_path / "run", "--frames=10"))
 
 
+def test_without_a_trained_structure_generator_the_shipped_one_rolls_out_label_maps(tiny_drive, tmp_path, monkeypatch):
+    """checkpoints/<run folder name>_structure.pt stands in for RUN_DIR/structure/last.pt when that is absent;
+    a trained one, or one named by rollout.structure_ckpt, comes first."""
+    cfg = common.load_config(None, [f"data.root={tiny_drive}", *TINY])
+    shipped = structure_model.build_model(cfg)
+    monkeypatch.setattr(common, "ROOT", tmp_path / "repo")
+    common.save_checkpoint(tmp_path / "repo" / "checkpoints" / "tinyworld_structure.pt", step=7, cfg=cfg,
+                           modules={"structure": shipped})
+    out = rollout.main(_argv(tiny_drive, tmp_path / "tinyworld", "--frames=6", f"--rollout.out={tmp_path / 'a'}"))
+    models = read_rollout(out).protocol["models"]
+    assert list(models) == ["structure"] and models["structure"]["step"] == 7
+    assert read_rollout(out).modalities == ["label"]
+    _save_generators(tiny_drive, tmp_path / "tinyworld")               # trained: step 1, with an image generator
+    out = rollout.main(_argv(tiny_drive, tmp_path / "tinyworld", "--frames=6", f"--rollout.out={tmp_path / 'b'}"))
+    assert read_rollout(out).protocol["models"]["structure"]["step"] == 1 and "rgb" in read_rollout(out).modalities
+
+
 def test_a_rollout_folder_is_resumed_or_reused_only_with_the_checkpoints_that_wrote_it(tiny_drive, tmp_path):
     from data.rollout_io import RolloutError
     _save_generators(tiny_drive, tmp_path / "run")
