@@ -187,7 +187,7 @@ def parse_override(token: str) -> tuple[str, object]:
 _RANGES = [
     (("*.lr", "*.width", "*.d_width", "*.width_mult", "*.lstm_mult", "edge.d_lr_ratio"), "> 0"),
     (("*.beta1", "*.beta2", "structure.adam_betas", "structure.kl_balance", "*.context_dropout"), "in [0, 1)"),
-    (("*.threshold", "structure.own_inputs"), "in [0, 1]"),
+    (("*.threshold", "structure.own_inputs", "structure.false_birth_weight"), "in [0, 1]"),
     (("data.num_classes", "data.size", "data.synth_sequences", "data.synth_frames", "*.batch_size", "*_every",
       "*.n_past", "*.n_future", "*.frames", "*.samples", "*.clips", "*.chunk", "*.window", "*.time_stride",
       "*.shot_stride", "*.max_shots", "*.fvd_frames", "*.tau", "*.tau_d", "*.ngf", "*.ndf", "*.num_d",

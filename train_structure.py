@@ -10,8 +10,8 @@ Objective (paper eq. 1) per training clip of T frames, teacher forced (true fram
 posterior): sum over t = 1..T-1 of NLL(s_t) (mean over pixels) + beta * KL(q(z_t) || p(z_t)) (summed over
 latent elements, mean over the batch). Ablations: structure.variant = lstm | cnn | soft | rgb.
 Optional, off by default (docs/design.md, "Opening the latent"): kl_balance (the KL term), born_weight,
-born_weight_decay and born_weight_floor (the NLL of born pixels), own_inputs (the model's own drafts fed back),
-latent=mixture, z_to_decoder and z_pool (the model).
+born_weight_decay and born_weight_floor (the NLL of born pixels), own_inputs and false_birth_weight (the
+model's own drafts fed back), latent=mixture, z_to_decoder and z_pool (the model).
 Outputs in RUN_DIR/structure/: last.pt (+ last.yaml), samples/*.gif (context | prediction | truth),
 loss.png, log.txt. The model classes and the rollout step API live in structure_model.py.
 """
@@ -28,7 +28,7 @@ import common
 import data
 import kernels
 from data.clips import ClipDataset, fixed_batch, make_loader
-from evaluate import born_pixels, confusion_matrix, mean_iou
+from evaluate import BIRTH_RADIUS, born_pixels, confusion_matrix, dilate, mean_iou
 from structure_model import ARCH_KEYS, StructureModel, build_model
 
 
@@ -54,10 +54,11 @@ def born_weight_at(s, used: float) -> float:
 
 
 def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ignore_index: int,
-              born_weight: float = 0.0) -> dict:
+              born_weight: float = 0.0, pixel_weight: torch.Tensor | None = None) -> dict:
     """Sum over steps of (per-step reconstruction + beta * KL); also the per-step means for logging.
     `born_weight` w weighs the NLL of pixels born in the target frame (evaluate.born_pixels) by 1 + w
-    (docs/design.md, "Opening the latent"); validation uses w = 0, the model's true likelihood."""
+    (docs/design.md, "Opening the latent"); validation uses w = 0, the model's true likelihood.
+    `pixel_weight` (B, T-1, H, W), if given, multiplies the NLL of each target pixel (own_inputs' drafts)."""
     s = cfg.structure
     out, targets = result["out"], frames[:, 1:]
     if model.variant == "rgb":
@@ -70,6 +71,8 @@ def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ig
         if born_weight > 0:  # births are 0.2% of the pixels: without weight the decoder learns to use z late
             born = born_pixels(frames[:, :-1].flatten(0, 1), frames[:, 1:].flatten(0, 1), model.num_classes)
             nll = nll * (1 + born_weight * born.float())
+        if pixel_weight is not None:
+            nll = nll * pixel_weight.flatten(0, 1)
         valid = (targets != ignore_index).flatten(0, 1)
         per_step_count = valid.flatten(1).sum(1).view(out.shape[:2]).sum(0).clamp_min(1)
         recon = nll.flatten(1).sum(1).view(out.shape[:2]).sum(0) / per_step_count  # (T-1,)
@@ -82,10 +85,13 @@ def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ig
     return {"loss": loss, "nll": recon.detach().mean(), "kl": kl.detach().mean()}
 
 
-def own_inputs(model: StructureModel, frames: torch.Tensor, cfg) -> torch.Tensor:
+def own_inputs(model: StructureModel, frames: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor | None]:
     """frames with each future frame that a later step reads replaced, with probability structure.own_inputs,
     by the model's own prediction of it from the true past with z from the prior (a no-grad teacher-forced
-    pass): what a rollout feeds back, so the model learns to continue from its own drafts."""
+    pass): what a rollout feeds back, so the model learns to continue from its own drafts. Also the NLL's
+    pixel weights (B, T-1, H, W) when structure.false_birth_weight < 1, else None: the target pixels within
+    BIRTH_RADIUS of a false birth in the draft before them (a pixel born in the draft, not in the truth)
+    weigh false_birth_weight, so the model learns less to delete what it drew (docs/opening_the_latent.md, MW)."""
     s = cfg.structure
     with torch.no_grad(), common.autocast(frames.device, cfg.run.precision):
         drafts = model(frames, s.n_past, prior_z=True)["out"].argmax(2).to(frames.dtype)   # frames 1..T-1
@@ -94,7 +100,14 @@ def own_inputs(model: StructureModel, frames: torch.Tensor, cfg) -> torch.Tensor
     replace[:, -1] = False                                    # the last frame is only a target
     inputs = frames.clone()
     inputs[:, 1:][replace[:, 1:]] = drafts[replace[:, 1:]]
-    return inputs
+    if s.false_birth_weight == 1:
+        return inputs, None
+    before, drafted, truth = frames[:, :-2].flatten(0, 1), inputs[:, 1:-1].flatten(0, 1), frames[:, 1:-1].flatten(0, 1)
+    false_births = born_pixels(before, drafted, model.num_classes) & (drafted != truth)
+    near = dilate(false_births.unsqueeze(1), BIRTH_RADIUS).view(frames.shape[0], -1, *frames.shape[2:])
+    pixel_weight = torch.ones(frames.shape[0], frames.shape[1] - 1, *frames.shape[2:], device=frames.device)
+    pixel_weight[:, 1:][near] = s.false_birth_weight       # output j predicts frame j + 1 from input frame j
+    return inputs, pixel_weight
 
 
 def train_step(trained, optimizer, scaler, frames: torch.Tensor, cfg, step: int, ignore_index: int,
@@ -103,10 +116,10 @@ def train_step(trained, optimizer, scaler, frames: torch.Tensor, cfg, step: int,
     `trained` is the model or its DDP wrapper. Returns clip_loss's values (on the device); a non-finite
     loss skips the update or stops the run (run.on_nonfinite, through `finite`)."""
     s, model = cfg.structure, common.unwrap(trained)
-    inputs = own_inputs(model, frames, cfg) if s.own_inputs > 0 else None
+    inputs, pixel_weight = own_inputs(model, frames, cfg) if s.own_inputs > 0 else (None, None)
     with common.autocast(frames.device, cfg.run.precision):
         result = trained(frames, s.n_past, inputs=inputs)
-    losses = clip_loss(model, result, frames, cfg, ignore_index, born_weight)
+    losses = clip_loss(model, result, frames, cfg, ignore_index, born_weight, pixel_weight)
     optimizer.zero_grad(set_to_none=True)
     if finite.ok(losses["loss"], step):
         scaler.scale(losses["loss"]).backward()
@@ -224,7 +237,9 @@ def check_config(cfg, world_size: int) -> None:
               (s.batch_size >= world_size and s.batch_size % world_size == 0,
                f"structure.batch_size={s.batch_size} must be a multiple of the {world_size} DDP ranks"),
               (s.own_inputs == 0 or s.variant not in ("soft", "rgb"),   # they feed back no label map to draft
-               f"structure.own_inputs needs a variant that feeds back label maps, not {s.variant}")]
+               f"structure.own_inputs needs a variant that feeds back label maps, not {s.variant}"),
+              (s.false_birth_weight == 1 or s.own_inputs > 0,
+               f"structure.false_birth_weight={s.false_birth_weight} weighs pixels of drafts: it needs structure.own_inputs > 0")]
     for ok, message in checks:
         if not ok:
             raise common.ConfigError(message)

@@ -17,6 +17,7 @@ from PIL import Image
 import common
 import kernels
 import train_structure
+from evaluate import born_pixels
 from structure_model import build_model, class_fractions, load
 from tests.conftest import assert_resumed_equal
 
@@ -291,7 +292,8 @@ def test_own_inputs_replace_only_future_frames_by_the_models_prior_drafts():
     model = build_model(cfg)
     frames = random_labels(2, 6, 32, 32, seed=3)
     state = torch.get_rng_state()
-    inputs = train_structure.own_inputs(model, frames, cfg)
+    inputs, pixel_weight = train_structure.own_inputs(model, frames, cfg)
+    assert pixel_weight is None                              # false_birth_weight = 1: the plain NLL
     torch.set_rng_state(state)                               # the same prior draws, made here by hand
     with torch.no_grad():
         drafts = model(frames, 3, prior_z=True)["out"].argmax(2).to(torch.uint8)
@@ -300,7 +302,7 @@ def test_own_inputs_replace_only_future_frames_by_the_models_prior_drafts():
     assert torch.equal(inputs[:, 5], frames[:, 5])
     assert not torch.equal(inputs[:, 3:5], frames[:, 3:5])
     off = tiny_cfg("structure.own_inputs=0.0")
-    assert torch.equal(train_structure.own_inputs(build_model(off), frames, off), frames)
+    assert torch.equal(train_structure.own_inputs(build_model(off), frames, off)[0], frames)
     # fed the truth, forward() is the teacher-forced pass; fed drafts, the prior and the skips read them while the
     # posterior still reads the true targets, so the KL changes and the reconstruction of truth stays the target
     same = [model(frames, 3, generator=torch.Generator().manual_seed(1), inputs=x)["out"] for x in (frames, None)]
@@ -311,6 +313,27 @@ def test_own_inputs_replace_only_future_frames_by_the_models_prior_drafts():
         tiny_cfg("structure.own_inputs=1.5")
     with pytest.raises(common.ConfigError, match="own_inputs"):
         train_structure.check_config(tiny_cfg("structure.own_inputs=0.5", "structure.variant=rgb"), 1)
+
+
+def test_false_birth_weight_weighs_the_targets_near_a_birth_the_truth_lacks():
+    torch.manual_seed(0)
+    cfg = tiny_cfg("structure.own_inputs=1.0", "structure.false_birth_weight=0.25")
+    model = build_model(cfg)
+    frames = random_labels(2, 6, 32, 32, seed=4)
+    inputs, pixel_weight = train_structure.own_inputs(model, frames, cfg)
+    # by hand, with a max-pool as the 3-px neighbourhood: output j reads input frame j
+    expected = torch.ones(2, 5, 32, 32)
+    for j in range(3, 5):                                    # the drafted input frames
+        false = born_pixels(frames[:, j - 1], inputs[:, j], model.num_classes) & (inputs[:, j] != frames[:, j])
+        near = F.max_pool2d(false.float().unsqueeze(1), 7, stride=1, padding=3).squeeze(1) > 0
+        expected[:, j][near] = 0.25
+    assert torch.equal(pixel_weight, expected) and (expected < 1).any() and (expected == 1).any()
+    result = model(frames, 3, inputs=inputs)
+    weighted = train_structure.clip_loss(model, result, frames, cfg, 255, pixel_weight=pixel_weight)["nll"]
+    plain = train_structure.clip_loss(model, result, frames, cfg, 255)["nll"]
+    assert weighted < plain
+    with pytest.raises(common.ConfigError, match="false_birth_weight"):
+        train_structure.check_config(tiny_cfg("structure.false_birth_weight=0.5"), 1)
 
 
 def test_ddp_two_ranks_stay_identical(tiny_drive, tmp_path, master_port):
