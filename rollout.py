@@ -78,10 +78,10 @@ class Pipeline:
 
     @classmethod
     def from_checkpoints(cls, cfg, device) -> "Pipeline":
-        shipped = shipped_structure(cfg)
+        structure_path, shipped = checkpoint_path(cfg, "structure_ckpt", "structure"), shipped_structure(cfg)
         if shipped is not None:
-            common.log(f"no {checkpoint_path(cfg, 'structure_ckpt', 'structure')}: rolling out the shipped {shipped}")
-        structure = structure_model.load(shipped or checkpoint_path(cfg, "structure_ckpt", "structure"), cfg, device)
+            common.log(f"no {structure_path}: rolling out the shipped {shipped}")
+        structure = structure_model.load(shipped or structure_path, cfg, device)
         image = edge = None
         image_path = checkpoint_path(cfg, "image_ckpt", "image")
         if shipped is not None and not cfg.rollout.image_ckpt and not image_path.exists():
