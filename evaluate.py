@@ -31,6 +31,7 @@ import metric_nets
 from data.prepare import load_segmenter
 from data.rollout_io import RolloutError, read_rollout
 from metric_nets import I3D_MIN_FRAMES, WeightError
+from structure_model import BIRTH_RADIUS, born_pixels
 
 CITYSCAPES_MOVING = tuple(range(11, 19))  # person rider car truck bus train motorcycle bicycle (trainIds)
 CLASSIFIERS = ("efficientnet_lite0", "inception_v3", "resnet18_places365")
@@ -479,36 +480,6 @@ def _label_counts(videos, num_classes: int) -> tuple[int, int, np.ndarray]:
     changed = int((videos[..., 1:, :, :] != videos[..., :-1, :, :]).sum())
     compared = videos[..., 1:, :, :].size
     return changed, compared, _class_counts(videos, num_classes)
-
-
-BIRTH_RADIUS = 3   # pixels: a label is born where its class is absent from the previous frame this close
-
-
-def born_pixels(earlier: torch.Tensor, later: torch.Tensor, num_classes: int, radius: int = BIRTH_RADIUS) -> torch.Tensor:
-    """bool (N, H, W) for label maps earlier, later (N, H, W): pixels of `later` whose class is absent from
-    `earlier` within `radius` pixels, i.e. objects that enter, appear or change class, as opposed to ones
-    that move (by <= radius per step). Void and other indices >= N are never born. The births of
-    --dynamics, and the pixels structure.born_weight up-weights in training."""
-    earlier, later = earlier.long(), later.long()
-    ids = torch.arange(num_classes, device=earlier.device).view(1, -1, 1, 1)
-    present = dilate(earlier.unsqueeze(1) == ids, radius)
-    hit = present.gather(1, later.clamp_max(num_classes - 1).unsqueeze(1)).squeeze(1)
-    return ~hit & (later < num_classes)
-
-
-def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """bool (N, C, H, W) OR-ed over a (2 radius + 1)^2 window (zero padding), one axis at a time: on CPU 20x
-    faster than a float max-pool of the same window, which cost 9% of a synth_scroll training step."""
-    height, width = mask.shape[-2:]
-    padded = F.pad(mask, (0, 0, radius, radius))
-    rows = padded[..., :height, :].clone()
-    for shift in range(1, 2 * radius + 1):
-        rows |= padded[..., shift:shift + height, :]
-    padded = F.pad(rows, (radius, radius))
-    out = padded[..., :width].clone()
-    for shift in range(1, 2 * radius + 1):
-        out |= padded[..., shift:shift + width]
-    return out
 
 
 def born_mask(videos, num_classes: int, radius: int = BIRTH_RADIUS) -> np.ndarray:

@@ -12,7 +12,7 @@ back at inference), rgb (the same network on RGB frames in [-1, 1], tanh output,
 Not in the paper, off by default (docs/design.md, "Opening the latent"): `latent=mixture`, a prior that
 mixes Gaussians per latent cell instead of one, `z_pool`, latent cells pooled over several LSTM cells, and
 `z_to_decoder`, z_t fed into every decoder block beside the skips, so that it reaches the resolution where
-births happen.
+births happen, and `posterior_births`, the posterior also reads where each class was born in its target.
 
 Two ways to run it:
 - `forward(frames, n_past)`: teacher forcing over a whole clip (training, validation).
@@ -66,6 +66,36 @@ def class_fractions(frames: torch.Tensor, num_classes: int, factor: int) -> torc
     fp32; void (an index >= N) counts for no class. kernels.onehot_reference compares against the class ids
     (F.one_hot would read the maximum back to the host: no CUDA graph)."""
     return F.avg_pool2d(kernels.onehot_reference(frames, num_classes, torch.float32), factor)
+
+
+BIRTH_RADIUS = 3   # pixels: a label is born where its class is absent from the previous frame this close
+
+
+def born_pixels(earlier: torch.Tensor, later: torch.Tensor, num_classes: int, radius: int = BIRTH_RADIUS) -> torch.Tensor:
+    """bool (N, H, W) for label maps earlier, later (N, H, W): pixels of `later` whose class is absent from
+    `earlier` within `radius` pixels, i.e. objects that enter, appear or change class, as opposed to ones
+    that move (by <= radius per step). Void and other indices >= N are never born. The births of
+    evaluate.py --dynamics, of structure.born_weight in training and of structure.posterior_births."""
+    earlier, later = earlier.long(), later.long()
+    ids = torch.arange(num_classes, device=earlier.device).view(1, -1, 1, 1)
+    present = dilate(earlier.unsqueeze(1) == ids, radius)
+    hit = present.gather(1, later.clamp_max(num_classes - 1).unsqueeze(1)).squeeze(1)
+    return ~hit & (later < num_classes)
+
+
+def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """bool (N, C, H, W) OR-ed over a (2 radius + 1)^2 window (zero padding), one axis at a time: on CPU 20x
+    faster than a float max-pool of the same window, which cost 9% of a synth_scroll training step."""
+    height, width = mask.shape[-2:]
+    padded = F.pad(mask, (0, 0, radius, radius))
+    rows = padded[..., :height, :].clone()
+    for shift in range(1, 2 * radius + 1):
+        rows |= padded[..., shift:shift + height, :]
+    padded = F.pad(rows, (radius, radius))
+    out = padded[..., :width].clone()
+    for shift in range(1, 2 * radius + 1):
+        out |= padded[..., shift:shift + width]
+    return out
 
 
 def conv3x3(cin: int, cout: int) -> nn.Conv2d:
@@ -329,7 +359,7 @@ class StructureModel(nn.Module):
     def __init__(self, *, variant: str, num_classes: int, size, blocks, h_channels: int, z_channels: int,
                  lstm_width: int, posterior_layers: int, predictor_layers: int, skip: str, latent: str = "gaussian",
                  prior_components: int = 8, prior_weights: str = "learnt", z_to_decoder: bool = False, z_pool: int = 1,
-                 previous_frame: bool = False, pooled_frames: bool = False):
+                 previous_frame: bool = False, pooled_frames: bool = False, posterior_births: bool = False):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"structure.variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
@@ -337,12 +367,16 @@ class StructureModel(nn.Module):
             raise ValueError(f"structure.skip must be one of {', '.join(SKIP_MODES)}, got {skip!r}")
         if latent not in LATENTS:
             raise ValueError(f"structure.latent must be one of {', '.join(LATENTS)}, got {latent!r}")
-        label_inputs = [name for name, on in (("previous_frame", previous_frame), ("pooled_frames", pooled_frames)) if on]
+        label_inputs = [name for name, on in (("previous_frame", previous_frame), ("pooled_frames", pooled_frames),
+                                              ("posterior_births", posterior_births)) if on]
         if label_inputs and variant not in ("svg", "lstm", "cnn"):
             verb = "need" if len(label_inputs) > 1 else "needs"
             raise ValueError(f"structure.{' and structure.'.join(label_inputs)} {verb} argmax label feedback (svg, "
                              f"lstm, cnn), not {variant!r}: add " + " ".join(f"--structure.{n}=false" for n in label_inputs))
         self.previous_frame, self.pooled_frames = previous_frame, pooled_frames
+        if posterior_births and variant not in STOCHASTIC:
+            raise ValueError(f"structure.posterior_births feeds the posterior: {variant!r} has no latent")
+        self.posterior_births = posterior_births
         self.variant, self.num_classes, self.size, self.skip = variant, num_classes, tuple(size), skip
         self.stochastic = variant in STOCHASTIC
         self.channels = 3 if variant == "rgb" else num_classes
@@ -363,7 +397,9 @@ class StructureModel(nn.Module):
         if self.stochastic:
             self.latent = (GaussianLatent(z_channels) if latent == "gaussian"
                            else MixturePriorLatent(z_channels, prior_components, prior_weights))
-            self.posterior = LatentLSTM(self.code_channels, lstm_width, posterior_layers, self.latent.posterior_channels,
+            # with posterior_births the posterior also reads where each class was born (posterior_input)
+            posterior_in = self.code_channels + (num_classes if posterior_births else 0)
+            self.posterior = LatentLSTM(posterior_in, lstm_width, posterior_layers, self.latent.posterior_channels,
                                         z_pool)
             self.prior = LatentLSTM(self.code_channels, lstm_width, posterior_layers, self.latent.prior_channels, z_pool)
         predictor_in = self.code_channels + (z_channels if self.stochastic else 0)
@@ -396,6 +432,19 @@ class StructureModel(nn.Module):
                  + kernels.onehot_conv3x3(previous, conv.weight[:, n:], None, memory_format=self.memory_format))
         code, skips = self.encoder(None, first_conv_out=first)
         return (self._with_fractions(code, frames, previous) if self.pooled_frames else code), skips
+
+    def posterior_input(self, code: torch.Tensor, frame: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+        """What the posterior reads of the target `frame` (uint8 labels, B, H, W): its code; with
+        structure.posterior_births also, per class and cell of the LSTMs' grid, 1 where that class was born
+        (born_pixels against `before`, the frame fed before it), else 0. A birth of a few pixels barely moves
+        the code, and the KL teaches the posterior to ignore it before the decoder can learn to draw it from
+        z (docs/opening_the_latent.md, PB)."""
+        if not self.posterior_births:
+            return code
+        born = born_pixels(before, frame, self.num_classes)
+        onehot = kernels.onehot_reference(frame, self.num_classes, torch.float32) * born.unsqueeze(1)
+        births = F.max_pool2d(onehot, self.size[0] // self.latent_size[0]).to(code.dtype)
+        return torch.cat([code, births], 1).contiguous(memory_format=self.memory_format)
 
     def _with_fractions(self, code: torch.Tensor, *frames: torch.Tensor) -> torch.Tensor:
         """The code with each frame's class fractions per cell appended: the latent reads what entered the
@@ -445,6 +494,10 @@ class StructureModel(nn.Module):
         skips = [s.view(batch, length, *s.shape[1:]) for s in skips]
         # the posterior reads each true target with the frame fed before it, as when a rollout observes
         targets = codes if inputs is None else self.encode_frames(frames.flatten(0, 1), previous)[0].view(codes.shape)
+        if self.posterior_births:
+            before = torch.cat([fed[:, :1], fed[:, :-1]], 1).flatten(0, 1)
+            targets = self.posterior_input(targets.flatten(0, 1), frames.flatten(0, 1), before)
+            targets = targets.view(batch, length, *targets.shape[1:])
         latent_h, latent_w = self.latent_size
         device = codes.device
         if self.stochastic:
@@ -530,7 +583,7 @@ class StructureModel(nn.Module):
         state.skips = [torch.zeros(rows, block[-1].out_channels, self.size[0] // 2**i, self.size[1] // 2**i,
                                    device=device).contiguous(memory_format=fmt)
                        for i, block in enumerate(self.encoder.blocks)]
-        if self.previous_frame:
+        if self.previous_frame or self.posterior_births:
             state.frame = torch.zeros(rows, *self.size, dtype=torch.uint8, device=device)
         return state
 
@@ -586,7 +639,8 @@ class StructureModel(nn.Module):
             code, skips = self.encode_frames(frame, state.frame)
             z = None
             if self.stochastic:
-                stats_q, post_new = self.posterior(code, state.lstm["posterior"])
+                stats_q, post_new = self.posterior(self.posterior_input(code, frame, state.frame),
+                                                   state.lstm["posterior"])
                 state.noise.normal_(generator=generator)
                 z = self.latent.sample_posterior(stats_q, state.noise)
                 for buffers, values in zip(state.lstm["posterior"], post_new):
@@ -641,7 +695,8 @@ ARCH_KEYS = ["structure.variant", "structure.encoder_blocks", "structure.width_m
              "structure.lstm_mult", "structure.h_channels", "structure.z_channels", "structure.posterior_layers",
              "structure.predictor_layers", "structure.latent", "structure.prior_components",
              "structure.prior_weights", "structure.z_to_decoder",
-             "structure.z_pool", "structure.previous_frame", "structure.pooled_frames", "data.num_classes", "data.size"]
+             "structure.z_pool", "structure.previous_frame", "structure.pooled_frames", "structure.posterior_births",
+             "data.num_classes", "data.size"]
 
 
 def build_model(cfg) -> StructureModel:
@@ -673,7 +728,8 @@ def build_model(cfg) -> StructureModel:
                               posterior_layers=s.posterior_layers, predictor_layers=s.predictor_layers, skip=s.skip,
                               latent=s.latent, prior_components=s.prior_components, prior_weights=s.prior_weights,
                               z_to_decoder=s.z_to_decoder, z_pool=s.z_pool,
-                              previous_frame=s.previous_frame, pooled_frames=s.pooled_frames)
+                              previous_frame=s.previous_frame, pooled_frames=s.pooled_frames,
+                              posterior_births=s.posterior_births)
     except ValueError as e:
         raise common.ConfigError(str(e)) from None
 

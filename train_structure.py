@@ -28,8 +28,8 @@ import common
 import data
 import kernels
 from data.clips import ClipDataset, fixed_batch, make_loader
-from evaluate import BIRTH_RADIUS, born_pixels, confusion_matrix, dilate, mean_iou
-from structure_model import ARCH_KEYS, StructureModel, build_model
+from evaluate import confusion_matrix, mean_iou
+from structure_model import ARCH_KEYS, BIRTH_RADIUS, StructureModel, born_pixels, build_model, dilate
 
 
 # ----------------------------------------------------------------------------- loss and metrics
@@ -56,7 +56,7 @@ def born_weight_at(s, used: float) -> float:
 def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ignore_index: int,
               born_weight: float = 0.0, pixel_weight: torch.Tensor | None = None) -> dict:
     """Sum over steps of (per-step reconstruction + beta * KL); also the per-step means for logging.
-    `born_weight` w weighs the NLL of pixels born in the target frame (evaluate.born_pixels) by 1 + w
+    `born_weight` w weighs the NLL of pixels born in the target frame (structure_model.born_pixels) by 1 + w
     (docs/design.md, "Opening the latent"); validation uses w = 0, the model's true likelihood.
     `pixel_weight` (B, T-1, H, W), if given, multiplies the NLL of each target pixel (own_inputs' drafts)."""
     s = cfg.structure

@@ -241,22 +241,6 @@ def test_fid_over_time_embeds_each_frame_once_and_scores_its_windows(tmp_path, m
 
 # ----------------------------------------------------------------------------- label dynamics
 
-@pytest.mark.parametrize("radius", [1, 3])
-def test_born_pixels_against_a_max_pool_reference(radius):
-    """Births (a class absent from the earlier frame within `radius` px) against the direct definition, a
-    max-pool of the earlier frame's one-hot, on sparse random label maps with void (255) pixels."""
-    generator = torch.Generator().manual_seed(radius)
-    earlier, later = (torch.randint(0, 12, (6, 17, 23), generator=generator) for _ in range(2))
-    earlier[earlier < 8], later[later < 8] = 0, 0          # mostly class 0, so that many pixels are born
-    earlier[earlier == 11], later[later == 11] = 255, 255
-    onehot = (earlier.unsqueeze(1) == torch.arange(11).view(1, -1, 1, 1)).float()
-    present = torch.nn.functional.max_pool2d(onehot, 2 * radius + 1, 1, radius)
-    expected = (present.gather(1, later.clamp_max(10).unsqueeze(1)).squeeze(1) == 0) & (later < 11)
-    born = ev.born_pixels(earlier.to(torch.uint8), later.to(torch.uint8), 11, radius)
-    assert born.any() and not born.all()
-    assert torch.equal(born, expected)
-
-
 def test_label_dynamics_on_hand_made_rollouts(tmp_path):
     """Change per step, class mix, its distance from the data's and sample difference, against counts made by
     hand: sample 0 of each clip moves one 4x4 block of class 1 one column per step, then stops at frame 6;

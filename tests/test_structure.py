@@ -17,8 +17,7 @@ from PIL import Image
 import common
 import kernels
 import train_structure
-from evaluate import born_pixels
-from structure_model import build_model, class_fractions, load
+from structure_model import born_pixels, build_model, class_fractions, load
 from tests.conftest import assert_resumed_equal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -424,6 +423,22 @@ def test_previous_frame_encoding_matches_between_step_api_and_teacher_forcing():
         build_model(tiny_cfg("structure.variant=soft", "structure.previous_frame=true"))
 
 
+@pytest.mark.parametrize("radius", [1, 3])
+def test_born_pixels_against_a_max_pool_reference(radius):
+    """Births (a class absent from the earlier frame within `radius` px) against the direct definition, a
+    max-pool of the earlier frame's one-hot, on sparse random label maps with void (255) pixels."""
+    generator = torch.Generator().manual_seed(radius)
+    earlier, later = (torch.randint(0, 12, (6, 17, 23), generator=generator) for _ in range(2))
+    earlier[earlier < 8], later[later < 8] = 0, 0          # mostly class 0, so that many pixels are born
+    earlier[earlier == 11], later[later == 11] = 255, 255
+    onehot = (earlier.unsqueeze(1) == torch.arange(11).view(1, -1, 1, 1)).float()
+    present = torch.nn.functional.max_pool2d(onehot, 2 * radius + 1, 1, radius)
+    expected = (present.gather(1, later.clamp_max(10).unsqueeze(1)).squeeze(1) == 0) & (later < 11)
+    born = born_pixels(earlier.to(torch.uint8), later.to(torch.uint8), 11, radius)
+    assert born.any() and not born.all()
+    assert torch.equal(born, expected)
+
+
 def test_pooled_frames_carry_class_fractions_and_match_between_step_api_and_teacher_forcing():
     """structure.pooled_frames: the code carries each frame's class fractions per cell (against a one-hot
     average pool, void counting for no class), and the step API computes the same model as forward()."""
@@ -445,6 +460,42 @@ def test_pooled_frames_carry_class_fractions_and_match_between_step_api_and_teac
     assert stochastic.posterior.lstm.convs[0].in_channels == stochastic.code_channels + stochastic.posterior.lstm.width
     with pytest.raises(common.ConfigError, match="pooled_frames"):
         build_model(tiny_cfg("structure.variant=soft", "structure.pooled_frames=true"))
+
+
+def test_posterior_births_mark_where_each_class_was_born_in_teacher_forcing_and_at_observe():
+    """structure.posterior_births: the posterior's extra channels are 1 exactly at the (class, LSTM cell) pairs
+    where that class was born (a hand-made frame pair), and observe() feeds the posterior what forward() does."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("structure.posterior_births=true", "structure.previous_frame=false")).eval()
+    assert model.posterior.lstm.convs[0].in_channels == model.code_channels + 19 + model.posterior.lstm.width
+    before = torch.zeros(1, 32, 32, dtype=torch.uint8)
+    before[0, 20:24, 0:8] = 4                                # class 4 moves by 2 px: not born
+    frame = before.clone()
+    frame[0, 20:24, 0:8], frame[0, 20:24, 2:10] = 0, 4
+    frame[0, 1:3, 0] = 7                                     # class 7 enters at the left edge: born
+    frame[0, 30, 29:31] = 255                                # void: never born
+    code = torch.zeros(1, model.code_channels, *model.latent_size)
+    births = model.posterior_input(code, frame, before)[:, model.code_channels:]
+    expected = torch.zeros_like(births)
+    expected[0, 7, 0, 0] = 1                                 # 4x4-pixel cells (32 px, 8 cells)
+    assert torch.equal(births, expected)
+    recorded = []
+    forward = model.posterior.forward
+    model.posterior.forward = lambda x, state: (recorded.append(x.clone()), forward(x, state))[1]
+    clip = random_labels(2, 4, 32, 32, seed=3)
+    with torch.no_grad():
+        model(clip, n_past=3)
+    taught = recorded[:2]                                     # the posterior on frames 1 and 2
+    recorded.clear()
+    state = model.init_state(2)
+    for t in range(3):
+        model.observe(state, clip[:, t])
+    assert len(recorded) == 2
+    for a, b in zip(taught, recorded):
+        torch.testing.assert_close(a, b)
+        assert b[:, model.code_channels:].any()
+    with pytest.raises(common.ConfigError, match="posterior_births"):
+        build_model(tiny_cfg("structure.variant=lstm", "structure.posterior_births=true"))
 
 
 def test_motion_teacher_is_the_teacher_forced_change_from_the_true_input_frame():
