@@ -488,15 +488,16 @@ class StructureModel(nn.Module):
         without a latent, and kl_prior / kl_posterior, the same values with gradients to one side only."""
         batch, length = frames.shape[:2]
         fed = frames if inputs is None else inputs
-        previous = torch.cat([fed[:, :1], fed[:, :-1]], 1).flatten(0, 1) if self.previous_frame else None
+        # the frame fed before each one, read by the encoder (previous_frame) and the posterior (posterior_births)
+        reads_previous = self.previous_frame or self.posterior_births
+        previous = torch.cat([fed[:, :1], fed[:, :-1]], 1).flatten(0, 1) if reads_previous else None
         codes, skips = self.encode_frames(fed.flatten(0, 1), previous)
         codes = codes.view(batch, length, *codes.shape[1:])
         skips = [s.view(batch, length, *s.shape[1:]) for s in skips]
         # the posterior reads each true target with the frame fed before it, as when a rollout observes
         targets = codes if inputs is None else self.encode_frames(frames.flatten(0, 1), previous)[0].view(codes.shape)
         if self.posterior_births:
-            before = torch.cat([fed[:, :1], fed[:, :-1]], 1).flatten(0, 1)
-            targets = self.posterior_input(targets.flatten(0, 1), frames.flatten(0, 1), before)
+            targets = self.posterior_input(targets.flatten(0, 1), frames.flatten(0, 1), previous)
             targets = targets.view(batch, length, *targets.shape[1:])
         latent_h, latent_w = self.latent_size
         device = codes.device
