@@ -494,47 +494,87 @@ class StructureModel(nn.Module):
         codes, skips = self.encode_frames(fed.flatten(0, 1), previous)
         codes = codes.view(batch, length, *codes.shape[1:])
         skips = [s.view(batch, length, *s.shape[1:]) for s in skips]
-        # the posterior reads each true target with the frame fed before it, as when a rollout observes
-        targets = codes if inputs is None else self.encode_frames(frames.flatten(0, 1), previous)[0].view(codes.shape)
-        if self.posterior_births:
-            targets = self.posterior_input(targets.flatten(0, 1), frames.flatten(0, 1), previous)
-            targets = targets.view(batch, length, *targets.shape[1:])
-        latent_h, latent_w = self.latent_size
-        device = codes.device
-        if self.stochastic:
-            post_state = self.posterior.lstm.zero_state(batch, latent_h, latent_w, device, self.memory_format)
-            prior_state = self.prior.lstm.zero_state(batch, latent_h, latent_w, device, self.memory_format)
-        pred_state = (self.predictor.zero_state(batch, latent_h, latent_w, device, self.memory_format)
-                      if self.variant != "cnn" else None)
-        # skip source for target t: frame t-1, or frozen at the last context frame past the context
-        sources = [min(t, n_past - 1) if self.skip == "last_context" else t for t in range(length - 1)]
-        gs, zs, kls, kls_prior, kls_posterior = [], [], [], [], []
-        if self.variant == "cnn":  # no recurrence: every step at once
-            g, _ = self.predict_g(codes[:, :-1].flatten(0, 1), None, None)
-            gs = list(g.view(batch, length - 1, *g.shape[1:]).unbind(1))
-        for t in range(1, 1 if self.variant == "cnn" else length):
-            z = None
-            if self.stochastic:
-                stats_q, post_state = self.posterior(targets[:, t], post_state)
-                stats_p, prior_state = self.prior(codes[:, t - 1], prior_state)
-                noise = torch.randn(batch, self.latent.noise_channels, *self.z_size, generator=generator, device=device)
-                z_q = self.latent.sample_posterior(stats_q, noise)
-                z = self.latent.sample_prior(stats_p, noise) if prior_z else z_q
-                kls.append(self.latent.kl(stats_q, stats_p, z_q))
-                # the same value with gradients to one side only (KL balancing)
-                kls_prior.append(self.latent.kl(stats_q.detach(), stats_p, z_q.detach()))
-                kls_posterior.append(self.latent.kl(stats_q, stats_p.detach(), z_q))
-            g, pred_state = self.predict_g(codes[:, t - 1], z, pred_state)
-            gs.append(g)
-            zs.append(z)
+        targets = None
+        if self.stochastic and not prior_z:
+            targets = codes
+            if inputs is not None:
+                # the posterior reads each true target with the frame fed before it, as when a rollout observes;
+                # only frames replaced in `inputs` encode differently
+                swapped = (frames != fed).flatten(2).any(2)
+                targets = codes.clone()
+                if swapped.any():
+                    before = None if previous is None else previous.view(fed.shape)[swapped]
+                    targets[swapped] = self.encode_frames(frames[swapped], before)[0]
+            if self.posterior_births:
+                targets = self.posterior_input(targets.flatten(0, 1), frames.flatten(0, 1), previous)
+                targets = targets.view(batch, length, *targets.shape[1:])
+        gs, zs, kls, kls_prior, kls_posterior = self._predict(codes, targets, length - 1, generator)
         g = torch.stack(gs, 1).flatten(0, 1)
         z = torch.stack(zs, 1).flatten(0, 1) if self.stochastic else None
+        # skip source for target t: frame t-1, or frozen at the last context frame past the context
+        sources = [min(t, n_past - 1) if self.skip == "last_context" else t for t in range(length - 1)]
         picked = [s[:, sources].flatten(0, 1) for s in skips]
         out = self.output(self.decode(g, picked, z))
         out = out.view(batch, length - 1, *out.shape[1:])
-        zeros = torch.zeros(batch, length - 1, device=device)
+        zeros = torch.zeros(batch, length - 1, device=codes.device)
         return {"out": out, "kl": stacked(kls, zeros), "kl_prior": stacked(kls_prior, zeros),
                 "kl_posterior": stacked(kls_posterior, zeros)}
+
+    def _predict(self, codes: torch.Tensor, targets: torch.Tensor | None, steps: int,
+                 generator: torch.Generator | None = None):
+        """The recurrence of a teacher-forced pass: g_t for targets t = 1..steps from the codes (B, T, ...) of the
+        frames fed before them, z_t from the posterior reading targets[:, t], or from the prior when targets is
+        None. Returns the lists g, z (None entries without a latent), and the KLs (empty lists with the prior's z)."""
+        batch, device = codes.shape[0], codes.device
+        latent_h, latent_w = self.latent_size
+        if self.stochastic:
+            prior_state = self.prior.lstm.zero_state(batch, latent_h, latent_w, device, self.memory_format)
+            if targets is not None:
+                post_state = self.posterior.lstm.zero_state(batch, latent_h, latent_w, device, self.memory_format)
+        gs, zs, kls, kls_prior, kls_posterior = [], [], [], [], []
+        if self.variant == "cnn":  # no recurrence: every step at once
+            g, _ = self.predict_g(codes[:, :steps].flatten(0, 1), None, None)
+            return list(g.view(batch, steps, *g.shape[1:]).unbind(1)), [None] * steps, kls, kls_prior, kls_posterior
+        pred_state = self.predictor.zero_state(batch, latent_h, latent_w, device, self.memory_format)
+        for t in range(1, steps + 1):
+            z = None
+            if self.stochastic:
+                stats_p, prior_state = self.prior(codes[:, t - 1], prior_state)
+                noise = torch.randn(batch, self.latent.noise_channels, *self.z_size, generator=generator, device=device)
+                if targets is None:
+                    z = self.latent.sample_prior(stats_p, noise)
+                else:
+                    stats_q, post_state = self.posterior(targets[:, t], post_state)
+                    z = self.latent.sample_posterior(stats_q, noise)
+                    kls.append(self.latent.kl(stats_q, stats_p, z))
+                    # the same value with gradients to one side only (KL balancing)
+                    kls_prior.append(self.latent.kl(stats_q.detach(), stats_p, z.detach()))
+                    kls_posterior.append(self.latent.kl(stats_q, stats_p.detach(), z))
+            g, pred_state = self.predict_g(codes[:, t - 1], z, pred_state)
+            gs.append(g)
+            zs.append(z)
+        return gs, zs, kls, kls_prior, kls_posterior
+
+    @torch.no_grad()
+    def draft(self, frames: torch.Tensor, n_past: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The model's own predictions (uint8 label maps, B, T-1-n_past, H, W) of frames n_past..T-2 of label clips
+        (B, T, H, W), each from the true frames before it with z from the prior: the drafts that
+        structure.own_inputs feeds back (the context is never replaced, the last frame is only a target).
+        The same values as forward(prior_z=True)'s argmax there, for the same generator, without encoding the
+        last frame, its step, or decoding the context's targets."""
+        batch, length = frames.shape[:2]
+        fed = frames[:, :-1]
+        previous = torch.cat([fed[:, :1], fed[:, :-1]], 1).flatten(0, 1) if self.previous_frame else None
+        codes, skips = self.encode_frames(fed.flatten(0, 1), previous)
+        codes = codes.view(batch, length - 1, *codes.shape[1:])
+        gs, zs, *_ = self._predict(codes, None, length - 2, generator)
+        drafted = range(n_past - 1, length - 2)                 # output j predicts frame j + 1
+        g = torch.stack(gs[n_past - 1:], 1).flatten(0, 1)
+        z = torch.stack(zs[n_past - 1:], 1).flatten(0, 1) if self.stochastic else None
+        sources = [min(j, n_past - 1) if self.skip == "last_context" else j for j in drafted]
+        picked = [s.view(batch, length - 1, *s.shape[1:])[:, sources].flatten(0, 1) for s in skips]
+        index, _ = kernels.argmax_onehot(self.decode(g, picked, z), with_onehot=False)
+        return index.view(batch, len(drafted), *index.shape[1:])
 
     def fed_back(self, raw: torch.Tensor):
         """What a prediction feeds back, from the decoder's fp32 output: (frames, None) with the argmax indices

@@ -93,13 +93,11 @@ def own_inputs(model: StructureModel, frames: torch.Tensor, cfg) -> tuple[torch.
     BIRTH_RADIUS of a false birth in the draft before them (a pixel born in the draft, not in the truth)
     weigh false_birth_weight, so the model learns less to delete what it drew (docs/opening_the_latent.md, MW)."""
     s = cfg.structure
-    with torch.no_grad(), common.autocast(frames.device, cfg.run.precision):
-        drafts = model(frames, s.n_past, prior_z=True)["out"].argmax(2).to(frames.dtype)   # frames 1..T-1
-    replace = torch.rand(frames.shape[:2], device=frames.device) < s.own_inputs
-    replace[:, :s.n_past] = False
-    replace[:, -1] = False                                    # the last frame is only a target
+    with common.autocast(frames.device, cfg.run.precision):
+        drafts = model.draft(frames, s.n_past)                # frames n_past..T-2
+    replace = torch.rand(drafts.shape[:2], device=frames.device) < s.own_inputs
     inputs = frames.clone()
-    inputs[:, 1:][replace[:, 1:]] = drafts[replace[:, 1:]]
+    inputs[:, s.n_past:-1][replace] = drafts[replace]
     if s.false_birth_weight == 1:
         return inputs, None
     before, drafted, truth = frames[:, :-2].flatten(0, 1), inputs[:, 1:-1].flatten(0, 1), frames[:, 1:-1].flatten(0, 1)

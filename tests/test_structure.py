@@ -314,6 +314,43 @@ def test_own_inputs_replace_only_future_frames_by_the_models_prior_drafts():
         train_structure.check_config(tiny_cfg("structure.own_inputs=0.5", "structure.variant=rgb"), 1)
 
 
+@pytest.mark.parametrize("options", [(), ("structure.latent=mixture", "structure.posterior_births=true",
+                                             "structure.previous_frame=true", "structure.z_pool=2"),
+                                     ("structure.variant=cnn",)])
+def test_draft_is_the_prior_pass_argmax_on_the_frames_a_later_step_reads(options):
+    """model.draft, own_inputs' lean pass (no posterior, no last step, no decoding of the context's targets),
+    equals the full teacher-forced pass with the prior's z on frames n_past..T-2, for the same noise."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(*options))
+    frames = random_labels(2, 7, 32, 32, seed=6)
+    drafts = model.draft(frames, 3, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(frames, 3, generator=torch.Generator().manual_seed(2), prior_z=True)["out"].argmax(2)
+    assert drafts.dtype == torch.uint8 and drafts.shape == (2, 3, 32, 32)
+    assert torch.equal(drafts, full[:, 2:5].to(torch.uint8))
+
+
+def test_fed_drafts_the_posterior_reads_every_true_target_with_the_frame_fed_before_it():
+    """forward(inputs=...) encodes only the replaced frames a second time; the posterior must still read each true
+    target with the (drafted) frame fed before it, births included: checked against encoding every frame."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("structure.posterior_births=true", "structure.previous_frame=true"))
+    frames = random_labels(2, 6, 32, 32, seed=7)
+    inputs = frames.clone()
+    inputs[0, 3], inputs[1, 4] = random_labels(32, 32, seed=8), random_labels(32, 32, seed=9)
+    recorded = []
+    forward = model.posterior.forward
+    model.posterior.forward = lambda x, state: (recorded.append(x.clone()), forward(x, state))[1]
+    with torch.no_grad():
+        model(frames, 3, inputs=inputs)
+        previous = torch.cat([inputs[:, :1], inputs[:, :-1]], 1).flatten(0, 1)
+        codes = model.encode_frames(frames.flatten(0, 1), previous)[0]
+        expected = model.posterior_input(codes, frames.flatten(0, 1), previous).view(2, 6, -1, *model.latent_size)
+    assert len(recorded) == 5
+    for t, x in enumerate(recorded, start=1):
+        torch.testing.assert_close(x, expected[:, t])
+
+
 def test_false_birth_weight_weighs_the_targets_near_a_birth_the_truth_lacks():
     torch.manual_seed(0)
     cfg = tiny_cfg("structure.own_inputs=1.0", "structure.false_birth_weight=0.25")
