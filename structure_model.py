@@ -481,11 +481,12 @@ class StructureModel(nn.Module):
                 prior_z: bool = False, inputs: torch.Tensor | None = None) -> dict:
         """Teacher-forced pass over a clip. frames: uint8 labels (B, T, H, W) or RGB (B, T, 3, H, W).
         Targets are frames 1..T-1, each predicted from the true frames before it with z from the posterior
-        of the true target (prior_z: from the prior, as at rollout; a diagnostic of how much the decoder
-        uses z and of how well the prior matches the posterior). `inputs` (default frames) are the frames fed as
+        of the true target (prior_z: from the prior, as at rollout, the posterior not run; a diagnostic of how much
+        the decoder uses z and of how well the prior matches the posterior). `inputs` (default frames) are the frames fed as
         the past, which the prior, the predictor and the skips read, e.g. the model's own drafts
         (structure.own_inputs). Returns out (B, T-1, C, H, W) log-probabilities (or RGB) and kl (B, T-1), zero
-        without a latent, and kl_prior / kl_posterior, the same values with gradients to one side only."""
+        without a latent or with prior_z, and kl_prior / kl_posterior, the same values with gradients to one side
+        only."""
         batch, length = frames.shape[:2]
         fed = frames if inputs is None else inputs
         # the frame fed before each one, read by the encoder (previous_frame) and the posterior (posterior_births)
