@@ -489,14 +489,10 @@ class StructureModel(nn.Module):
         only."""
         batch, length = frames.shape[:2]
         fed = frames if inputs is None else inputs
-        # the frame fed before each one, read by the encoder (previous_frame) and the posterior (posterior_births)
-        reads_previous = self.previous_frame or self.posterior_births
-        previous = torch.cat([fed[:, :1], fed[:, :-1]], 1).flatten(0, 1) if reads_previous else None
-        codes, skips = self.encode_frames(fed.flatten(0, 1), previous)
-        codes = codes.view(batch, length, *codes.shape[1:])
-        skips = [s.view(batch, length, *s.shape[1:]) for s in skips]
+        reads_targets = self.stochastic and not prior_z
+        codes, skips, before = self._encode_clips(fed, reads_targets and self.posterior_births)
         targets = None
-        if self.stochastic and not prior_z:
+        if reads_targets:
             targets = codes
             if inputs is not None:
                 # the posterior reads each true target with the frame fed before it, as when a rollout observes;
@@ -504,22 +500,34 @@ class StructureModel(nn.Module):
                 swapped = (frames != fed).flatten(2).any(2)
                 targets = codes.clone()
                 if swapped.any():
-                    before = None if previous is None else previous.view(fed.shape)[swapped]
-                    targets[swapped] = self.encode_frames(frames[swapped], before)[0]
+                    targets[swapped] = self.encode_frames(frames[swapped], None if before is None else before[swapped])[0]
             if self.posterior_births:
-                targets = self.posterior_input(targets.flatten(0, 1), frames.flatten(0, 1), previous)
+                targets = self.posterior_input(targets.flatten(0, 1), frames.flatten(0, 1), before.flatten(0, 1))
                 targets = targets.view(batch, length, *targets.shape[1:])
         gs, zs, kls, kls_prior, kls_posterior = self._predict(codes, targets, length - 1, generator)
-        g = torch.stack(gs, 1).flatten(0, 1)
-        z = torch.stack(zs, 1).flatten(0, 1) if self.stochastic else None
-        # skip source for target t: frame t-1, or frozen at the last context frame past the context
-        sources = [min(t, n_past - 1) if self.skip == "last_context" else t for t in range(length - 1)]
-        picked = [s[:, sources].flatten(0, 1) for s in skips]
-        out = self.output(self.decode(g, picked, z))
+        out = self.output(self._decode_outputs(gs, zs, skips, range(length - 1), n_past))
         out = out.view(batch, length - 1, *out.shape[1:])
         zeros = torch.zeros(batch, length - 1, device=codes.device)
         return {"out": out, "kl": stacked(kls, zeros), "kl_prior": stacked(kls_prior, zeros),
                 "kl_posterior": stacked(kls_posterior, zeros)}
+
+    def _encode_clips(self, clips: torch.Tensor, with_before: bool = False):
+        """encode_frames over clips (B, T, ...): codes and skips (B, T, ...), and the frame before each one (the
+        first frame its own; None unless with_before or structure.previous_frame, which reads it)."""
+        batch, length = clips.shape[:2]
+        before = torch.cat([clips[:, :1], clips[:, :-1]], 1) if with_before or self.previous_frame else None
+        codes, skips = self.encode_frames(clips.flatten(0, 1), None if before is None else before.flatten(0, 1))
+        return (codes.view(batch, length, *codes.shape[1:]), [s.view(batch, length, *s.shape[1:]) for s in skips],
+                before)
+
+    def _decode_outputs(self, gs: list, zs: list, skips, outputs, n_past: int) -> torch.Tensor:
+        """The decoder's raw output (B * len(outputs), C, H, W) for the teacher-forced outputs j in `outputs`
+        (output j predicts frame j + 1), from _predict's g and z and the clip's skips (B, T, ...)."""
+        g = torch.stack([gs[j] for j in outputs], 1).flatten(0, 1)
+        z = torch.stack([zs[j] for j in outputs], 1).flatten(0, 1) if self.stochastic else None
+        # skip source for output j: frame j, or frozen at the last context frame past the context
+        sources = [min(j, n_past - 1) if self.skip == "last_context" else j for j in outputs]
+        return self.decode(g, [s[:, sources].flatten(0, 1) for s in skips], z)
 
     def _predict(self, codes: torch.Tensor, targets: torch.Tensor | None, steps: int,
                  generator: torch.Generator | None = None):
@@ -564,17 +572,10 @@ class StructureModel(nn.Module):
         The same values as forward(prior_z=True)'s argmax there, for the same generator, without encoding the
         last frame, its step, or decoding the context's targets."""
         batch, length = frames.shape[:2]
-        fed = frames[:, :-1]
-        previous = torch.cat([fed[:, :1], fed[:, :-1]], 1).flatten(0, 1) if self.previous_frame else None
-        codes, skips = self.encode_frames(fed.flatten(0, 1), previous)
-        codes = codes.view(batch, length - 1, *codes.shape[1:])
+        codes, skips, _ = self._encode_clips(frames[:, :-1])
         gs, zs, *_ = self._predict(codes, None, length - 2, generator)
         drafted = range(n_past - 1, length - 2)                 # output j predicts frame j + 1
-        g = torch.stack(gs[n_past - 1:], 1).flatten(0, 1)
-        z = torch.stack(zs[n_past - 1:], 1).flatten(0, 1) if self.stochastic else None
-        sources = [min(j, n_past - 1) if self.skip == "last_context" else j for j in drafted]
-        picked = [s.view(batch, length - 1, *s.shape[1:])[:, sources].flatten(0, 1) for s in skips]
-        index, _ = kernels.argmax_onehot(self.decode(g, picked, z), with_onehot=False)
+        index, _ = kernels.argmax_onehot(self._decode_outputs(gs, zs, skips, drafted, n_past), with_onehot=False)
         return index.view(batch, len(drafted), *index.shape[1:])
 
     def fed_back(self, raw: torch.Tensor):

@@ -100,11 +100,12 @@ def own_inputs(model: StructureModel, frames: torch.Tensor, cfg) -> tuple[torch.
     inputs[:, s.n_past:-1][replace] = drafts[replace]
     if s.false_birth_weight == 1:
         return inputs, None
-    before, drafted, truth = frames[:, :-2].flatten(0, 1), inputs[:, 1:-1].flatten(0, 1), frames[:, 1:-1].flatten(0, 1)
-    false_births = born_pixels(before, drafted, model.num_classes) & (drafted != truth)
+    # only drafted frames (n_past..T-2) can hold a false birth
+    before, drafted = frames[:, s.n_past - 1:-2].flatten(0, 1), inputs[:, s.n_past:-1].flatten(0, 1)
+    false_births = born_pixels(before, drafted, model.num_classes) & (drafted != frames[:, s.n_past:-1].flatten(0, 1))
     near = dilate(false_births.unsqueeze(1), BIRTH_RADIUS).view(frames.shape[0], -1, *frames.shape[2:])
     pixel_weight = torch.ones(frames.shape[0], frames.shape[1] - 1, *frames.shape[2:], device=frames.device)
-    pixel_weight[:, 1:][near] = s.false_birth_weight       # output j predicts frame j + 1 from input frame j
+    pixel_weight[:, s.n_past:][near] = s.false_birth_weight   # output j predicts frame j + 1 from input frame j
     return inputs, pixel_weight
 
 
