@@ -374,9 +374,9 @@ class StructureModel(nn.Module):
             raise ValueError(f"structure.{' and structure.'.join(label_inputs)} {verb} argmax label feedback (svg, "
                              f"lstm, cnn), not {variant!r}: add " + " ".join(f"--structure.{n}=false" for n in label_inputs))
         self.previous_frame, self.pooled_frames = previous_frame, pooled_frames
-        if posterior_births and variant not in STOCHASTIC:
-            raise ValueError(f"structure.posterior_births feeds the posterior: {variant!r} has no latent")
-        self.posterior_births = posterior_births
+        # a latent's option, as z_to_decoder: without a posterior (lstm, cnn) it has nothing to feed, so the
+        # paper's ablations run on a config whose recipe uses it
+        self.posterior_births = posterior_births and variant in STOCHASTIC
         self.variant, self.num_classes, self.size, self.skip = variant, num_classes, tuple(size), skip
         self.stochastic = variant in STOCHASTIC
         self.channels = 3 if variant == "rgb" else num_classes
@@ -398,7 +398,7 @@ class StructureModel(nn.Module):
             self.latent = (GaussianLatent(z_channels) if latent == "gaussian"
                            else MixturePriorLatent(z_channels, prior_components, prior_weights))
             # with posterior_births the posterior also reads where each class was born (posterior_input)
-            posterior_in = self.code_channels + (num_classes if posterior_births else 0)
+            posterior_in = self.code_channels + (num_classes if self.posterior_births else 0)
             self.posterior = LatentLSTM(posterior_in, lstm_width, posterior_layers, self.latent.posterior_channels,
                                         z_pool)
             self.prior = LatentLSTM(self.code_channels, lstm_width, posterior_layers, self.latent.prior_channels, z_pool)

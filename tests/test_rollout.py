@@ -221,7 +221,7 @@ def test_rgb_variant_pipeline_equals_the_model_on_uint8_context():
     """The non-hierarchical baseline sees its context as the model's own API does (uint8 RGB, scaled once)."""
     import torch
     cfg = common.load_config(None, [*TINY, "structure.variant=rgb", "structure.previous_frame=false",
-                                       "structure.pooled_frames=false"])
+                                       "structure.pooled_frames=false", "structure.posterior_births=false"])
     model = structure_model.build_model(cfg)
     context_rgb = torch.randint(0, 256, (2, 3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     context_labels = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)

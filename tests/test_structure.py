@@ -531,8 +531,11 @@ def test_posterior_births_mark_where_each_class_was_born_in_teacher_forcing_and_
     for a, b in zip(taught, recorded):
         torch.testing.assert_close(a, b)
         assert b[:, model.code_channels:].any()
+    deterministic = build_model(tiny_cfg("structure.variant=lstm", "structure.posterior_births=true"))
+    assert not deterministic.posterior_births and not hasattr(deterministic, "posterior")   # inert without a latent
     with pytest.raises(common.ConfigError, match="posterior_births"):
-        build_model(tiny_cfg("structure.variant=lstm", "structure.posterior_births=true"))
+        build_model(tiny_cfg("structure.variant=rgb", "structure.posterior_births=true", "structure.previous_frame=false",
+                             "structure.pooled_frames=false"))
 
 
 def test_motion_teacher_is_the_teacher_forced_change_from_the_true_input_frame():
