@@ -374,11 +374,11 @@ class StructureModel(nn.Module):
             raise ValueError(f"structure.{' and structure.'.join(label_inputs)} {verb} argmax label feedback (svg, "
                              f"lstm, cnn), not {variant!r}: add " + " ".join(f"--structure.{n}=false" for n in label_inputs))
         self.previous_frame, self.pooled_frames = previous_frame, pooled_frames
-        # a latent's option, as z_to_decoder: without a posterior (lstm, cnn) it has nothing to feed, so the
-        # paper's ablations run on a config whose recipe uses it
-        self.posterior_births = posterior_births and variant in STOCHASTIC
         self.variant, self.num_classes, self.size, self.skip = variant, num_classes, tuple(size), skip
         self.stochastic = variant in STOCHASTIC
+        # a latent's option, as z_to_decoder: without a posterior (lstm, cnn) it has nothing to feed, so the
+        # paper's ablations run on a config whose recipe uses it
+        self.posterior_births = posterior_births and self.stochastic
         self.channels = 3 if variant == "rgb" else num_classes
         pools = pool_count(size)
         self.latent_size = (size[0] // 2**pools, size[1] // 2**pools)
