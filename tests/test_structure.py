@@ -294,7 +294,8 @@ def test_own_inputs_replace_only_future_frames_by_the_models_prior_drafts():
     inputs, pixel_weight = train_structure.own_inputs(model, frames, cfg)
     assert pixel_weight is None                              # false_birth_weight = 1: the plain NLL
     torch.set_rng_state(state)                               # the same prior draws, made here by hand
-    with torch.no_grad():
+    # at the precision own_inputs drafts in (run.precision=auto: bf16 on a CPU with AVX512-BF16)
+    with torch.no_grad(), common.autocast(frames.device, cfg.run.precision):
         drafts = model(frames, 3, prior_z=True)["out"].argmax(2).to(torch.uint8)
     # the context and the last frame (no later step reads it) are the truth, every other frame the draft
     assert torch.equal(inputs[:, :3], frames[:, :3]) and torch.equal(inputs[:, 3:5], drafts[:, 2:4])
