@@ -71,16 +71,35 @@ def class_fractions(frames: torch.Tensor, num_classes: int, factor: int) -> torc
 BIRTH_RADIUS = 3   # pixels: a label is born where its class is absent from the previous frame this close
 
 
-def born_pixels(earlier: torch.Tensor, later: torch.Tensor, num_classes: int, radius: int = BIRTH_RADIUS) -> torch.Tensor:
+def born_pixels(earlier: torch.Tensor, later: torch.Tensor, num_classes: int, radius: int = BIRTH_RADIUS,
+                edges: bool = False) -> torch.Tensor:
     """bool (N, H, W) for label maps earlier, later (N, H, W): pixels of `later` whose class is absent from
     `earlier` within `radius` pixels, i.e. objects that enter, appear or change class, as opposed to ones
     that move (by <= radius per step). Void and other indices >= N are never born. The births of
-    evaluate.py --dynamics, of structure.born_weight in training and of structure.posterior_births."""
+    evaluate.py --dynamics, of structure.born_weight in training and of structure.posterior_births.
+    With `edges` (structure.edge_births) also edge_news: the ends of objects at the edge they enter from."""
     earlier, later = earlier.long(), later.long()
     ids = torch.arange(num_classes, device=earlier.device).view(1, -1, 1, 1)
     present = dilate(earlier.unsqueeze(1) == ids, radius)
     hit = present.gather(1, later.clamp_max(num_classes - 1).unsqueeze(1)).squeeze(1)
-    return ~hit & (later < num_classes)
+    born = ~hit & (later < num_classes)
+    return born | edge_news(earlier, later, num_classes, radius) if edges else born
+
+
+def edge_news(earlier: torch.Tensor, later: torch.Tensor, num_classes: int, radius: int = BIRTH_RADIUS) -> torch.Tensor:
+    """bool (N, H, W): pixels of the frame's outermost ring whose class changed to one absent from `earlier`
+    within `radius` pixels inward (along the row for the side columns, along the column for the top and bottom
+    rows). An object that stops entering (a cloud's last column at the edge it enters from) leaves its edge
+    pixels to a class present a pixel above or below, so born_pixels never marks its end; inward, the object's
+    body is all there is. What leaves the frame is followed by what was inward of it, so exits are not news."""
+    changed = (later != earlier) & (later < num_classes)
+    news = torch.zeros_like(changed)
+    reach = radius + 1
+    news[..., :, 0] = changed[..., :, 0] & ~(earlier[..., :, :reach] == later[..., :, :1]).any(-1)
+    news[..., :, -1] = changed[..., :, -1] & ~(earlier[..., :, -reach:] == later[..., :, -1:]).any(-1)
+    news[..., 0, :] |= changed[..., 0, :] & ~(earlier[..., :reach, :] == later[..., :1, :]).any(-2)
+    news[..., -1, :] |= changed[..., -1, :] & ~(earlier[..., -reach:, :] == later[..., -1:, :]).any(-2)
+    return news
 
 
 def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
@@ -359,7 +378,8 @@ class StructureModel(nn.Module):
     def __init__(self, *, variant: str, num_classes: int, size, blocks, h_channels: int, z_channels: int,
                  lstm_width: int, posterior_layers: int, predictor_layers: int, skip: str, latent: str = "gaussian",
                  prior_components: int = 8, prior_weights: str = "learnt", z_to_decoder: bool = False, z_pool: int = 1,
-                 previous_frame: bool = False, pooled_frames: bool = False, posterior_births: bool = False):
+                 previous_frame: bool = False, pooled_frames: bool = False, posterior_births: bool = False,
+                 edge_births: bool = False):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"structure.variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
@@ -379,6 +399,7 @@ class StructureModel(nn.Module):
         # a latent's option, as z_to_decoder: without a posterior (lstm, cnn) it has nothing to feed, so the
         # paper's ablations run on a config whose recipe uses it
         self.posterior_births = posterior_births and self.stochastic
+        self.edge_births = edge_births  # born_pixels(edges=...) of the born weight and the posterior's births
         self.channels = 3 if variant == "rgb" else num_classes
         pools = pool_count(size)
         self.latent_size = (size[0] // 2**pools, size[1] // 2**pools)
@@ -441,7 +462,7 @@ class StructureModel(nn.Module):
         z (docs/opening_the_latent.md, PB)."""
         if not self.posterior_births:
             return code
-        born = born_pixels(before, frame, self.num_classes)
+        born = born_pixels(before, frame, self.num_classes, edges=self.edge_births)
         onehot = kernels.onehot_reference(frame, self.num_classes, torch.float32) * born.unsqueeze(1)
         births = F.max_pool2d(onehot, self.size[0] // self.latent_size[0]).to(code.dtype)
         return torch.cat([code, births], 1).contiguous(memory_format=self.memory_format)
@@ -739,7 +760,7 @@ ARCH_KEYS = ["structure.variant", "structure.encoder_blocks", "structure.width_m
              "structure.predictor_layers", "structure.latent", "structure.prior_components",
              "structure.prior_weights", "structure.z_to_decoder",
              "structure.z_pool", "structure.previous_frame", "structure.pooled_frames", "structure.posterior_births",
-             "data.num_classes", "data.size"]
+             "structure.edge_births", "data.num_classes", "data.size"]
 
 
 def build_model(cfg) -> StructureModel:
@@ -772,7 +793,7 @@ def build_model(cfg) -> StructureModel:
                               latent=s.latent, prior_components=s.prior_components, prior_weights=s.prior_weights,
                               z_to_decoder=s.z_to_decoder, z_pool=s.z_pool,
                               previous_frame=s.previous_frame, pooled_frames=s.pooled_frames,
-                              posterior_births=s.posterior_births)
+                              posterior_births=s.posterior_births, edge_births=s.edge_births)
     except ValueError as e:
         raise common.ConfigError(str(e)) from None
 

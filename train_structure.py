@@ -10,8 +10,8 @@ Objective (paper eq. 1) per training clip of T frames, teacher forced (true fram
 posterior): sum over t = 1..T-1 of NLL(s_t) (mean over pixels) + beta * KL(q(z_t) || p(z_t)) (summed over
 latent elements, mean over the batch). Ablations: structure.variant = lstm | cnn | soft | rgb.
 Optional, off by default (docs/design.md, "Opening the latent"): kl_balance (the KL term), born_weight,
-born_weight_decay and born_weight_floor (the NLL of born pixels), own_inputs and false_birth_weight (the
-model's own drafts fed back), latent=mixture, z_to_decoder and z_pool (the model).
+born_weight_decay, born_weight_floor and edge_births (the NLL of born pixels), own_inputs and
+false_birth_weight (the model's own drafts fed back), latent=mixture, z_to_decoder and z_pool (the model).
 Outputs in RUN_DIR/structure/: last.pt (+ last.yaml), samples/*.gif (context | prediction | truth),
 loss.png, log.txt. The model classes and the rollout step API live in structure_model.py.
 """
@@ -69,7 +69,8 @@ def clip_loss(model: StructureModel, result: dict, frames: torch.Tensor, cfg, ig
         targets = targets.long()
         nll = F.nll_loss(out.flatten(0, 1), targets.flatten(0, 1), ignore_index=ignore_index, reduction="none")
         if born_weight > 0:  # births are 0.2% of the pixels: without weight the decoder learns to use z late
-            born = born_pixels(frames[:, :-1].flatten(0, 1), frames[:, 1:].flatten(0, 1), model.num_classes)
+            born = born_pixels(frames[:, :-1].flatten(0, 1), frames[:, 1:].flatten(0, 1), model.num_classes,
+                               edges=model.edge_births)
             nll = nll * (1 + born_weight * born.float())
         if pixel_weight is not None:
             nll = nll * pixel_weight.flatten(0, 1)

@@ -477,6 +477,65 @@ def test_born_pixels_against_a_max_pool_reference(radius):
     assert torch.equal(born, expected)
 
 
+def test_edge_births_mark_an_end_at_the_entry_edge_not_an_exit_nor_the_interior():
+    """structure.edge_births: a cloud (1) whose last column entered at the left edge, its edge pixels back to sky
+    (0) with sky 1 px above and below, is no birth but edge news; a bar (2) leaving at the right edge (sky follows
+    from inward) is not; a class appearing inside is a birth either way. Then born_pixels(edges=True) against a
+    direct per-pixel definition on random maps (every ring pixel whose class changed to one absent within 3 px
+    inward, perpendicular to its edge; a corner is news along either edge)."""
+    earlier = torch.zeros(1, 8, 12, dtype=torch.uint8)
+    earlier[0, 3:5, 0:5] = 1                                  # the cloud, its end still at the edge
+    earlier[0, 3:5, 9:12] = 2                                 # the bar, moving right out of the frame
+    later = torch.zeros_like(earlier)
+    later[0, 3:5, 1:6] = 1                                    # the cloud moved 1 px right, its edge pixels sky
+    later[0, 3:5, 11:12] = 2                                  # the bar's tail still at the right edge...
+    later[0, 3:5, 11] = 0                                     # ...gone: sky from inward
+    later[0, 6, 6] = 3                                        # a class appearing inside
+    plain, with_edges = born_pixels(earlier, later, 4), born_pixels(earlier, later, 4, edges=True)
+    assert plain[0].nonzero().tolist() == [[6, 6]]
+    assert with_edges[0].nonzero().tolist() == [[3, 0], [4, 0], [6, 6]]
+
+    generator = torch.Generator().manual_seed(0)
+    earlier, later = (torch.randint(0, 6, (5, 9, 11), generator=generator) for _ in range(2))
+    later[later == 5] = 255                                   # void is never news
+    height, width, reach = 9, 11, 4
+    expected = born_pixels(earlier.to(torch.uint8), later.to(torch.uint8), 5)
+    for n in range(5):
+        for y in range(height):
+            for x in range(width):
+                new = int(later[n, y, x])
+                if new == int(earlier[n, y, x]) or new >= 5:
+                    continue
+                inward = []  # per edge this pixel lies on, the pixels of `earlier` inward of it
+                if x == 0:
+                    inward.append(earlier[n, y, :reach].tolist())
+                if x == width - 1:
+                    inward.append(earlier[n, y, -reach:].tolist())
+                if y == 0:
+                    inward.append(earlier[n, :reach, x].tolist())
+                if y == height - 1:
+                    inward.append(earlier[n, -reach:, x].tolist())
+                if any(new not in pixels for pixels in inward):
+                    expected[n, y, x] = True
+    marked = born_pixels(earlier.to(torch.uint8), later.to(torch.uint8), 5, edges=True)
+    assert torch.equal(marked, expected) and (marked & ~born_pixels(earlier, later, 5)).any()
+
+    # wired into the posterior's births and the born weight
+    model = build_model(tiny_cfg("structure.posterior_births=true", "structure.edge_births=true"))
+    frames = torch.zeros(1, 2, 32, 32, dtype=torch.uint8)
+    frames[0, 0, 8:10, 0:6], frames[0, 1, 8:10, 1:7] = 7, 7   # class 7's end at the left edge
+    code = torch.zeros(1, model.code_channels, *model.latent_size)
+    births = model.posterior_input(code, frames[:, 1], frames[:, 0])[:, model.code_channels:]
+    assert births.nonzero().tolist() == [[0, 0, 2, 0]]        # class 0 in the 4x4-pixel cell of rows 8-11, x 0-3
+    out = torch.randn(1, 1, 19, 32, 32).log_softmax(2)
+    result = {"out": out, "kl": torch.zeros(1, 1), "kl_prior": torch.zeros(1, 1), "kl_posterior": torch.zeros(1, 1)}
+    nll = -out.gather(2, frames[:, 1:].long().unsqueeze(2)).squeeze(2)
+    end = torch.zeros_like(nll)
+    end[0, 0, 8:10, 0] = 1
+    weighted = train_structure.clip_loss(model, result, frames, tiny_cfg(), 255, born_weight=30.0)["loss"]
+    torch.testing.assert_close(weighted, (nll * (1 + 30 * end)).mean((2, 3)).sum())
+
+
 def test_pooled_frames_carry_class_fractions_and_match_between_step_api_and_teacher_forcing():
     """structure.pooled_frames: the code carries each frame's class fractions per cell (against a one-hot
     average pool, void counting for no class), and the step API computes the same model as forward()."""
