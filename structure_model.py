@@ -760,7 +760,7 @@ ARCH_KEYS = ["structure.variant", "structure.encoder_blocks", "structure.width_m
              "structure.predictor_layers", "structure.latent", "structure.prior_components",
              "structure.prior_weights", "structure.z_to_decoder",
              "structure.z_pool", "structure.previous_frame", "structure.pooled_frames", "structure.posterior_births",
-             "structure.edge_births", "data.num_classes", "data.size"]
+             "data.num_classes", "data.size"]
 
 
 def build_model(cfg) -> StructureModel:

@@ -488,8 +488,7 @@ def test_edge_births_mark_an_end_at_the_entry_edge_not_an_exit_nor_the_interior(
     earlier[0, 3:5, 9:12] = 2                                 # the bar, moving right out of the frame
     later = torch.zeros_like(earlier)
     later[0, 3:5, 1:6] = 1                                    # the cloud moved 1 px right, its edge pixels sky
-    later[0, 3:5, 11:12] = 2                                  # the bar's tail still at the right edge...
-    later[0, 3:5, 11] = 0                                     # ...gone: sky from inward
+    later[0, 3:5, 9:12] = 0                                   # the bar has left: sky, as inward of it (x = 8)
     later[0, 6, 6] = 3                                        # a class appearing inside
     plain, with_edges = born_pixels(earlier, later, 4), born_pixels(earlier, later, 4, edges=True)
     assert plain[0].nonzero().tolist() == [[6, 6]]
