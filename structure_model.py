@@ -83,7 +83,9 @@ def born_pixels(earlier: torch.Tensor, later: torch.Tensor, num_classes: int, ra
     present = dilate(earlier.unsqueeze(1) == ids, radius)
     hit = present.gather(1, later.clamp_max(num_classes - 1).unsqueeze(1)).squeeze(1)
     born = ~hit & (later < num_classes)
-    return born | edge_news(earlier, later, num_classes, radius) if edges else born
+    if edges:
+        born |= edge_news(earlier, later, num_classes, radius)
+    return born
 
 
 def edge_news(earlier: torch.Tensor, later: torch.Tensor, num_classes: int, radius: int = BIRTH_RADIUS) -> torch.Tensor:
@@ -95,8 +97,8 @@ def edge_news(earlier: torch.Tensor, later: torch.Tensor, num_classes: int, radi
     changed = (later != earlier) & (later < num_classes)
     news = torch.zeros_like(changed)
     reach = radius + 1
-    news[..., :, 0] = changed[..., :, 0] & ~(earlier[..., :, :reach] == later[..., :, :1]).any(-1)
-    news[..., :, -1] = changed[..., :, -1] & ~(earlier[..., :, -reach:] == later[..., :, -1:]).any(-1)
+    news[..., :, 0] |= changed[..., :, 0] & ~(earlier[..., :, :reach] == later[..., :, :1]).any(-1)
+    news[..., :, -1] |= changed[..., :, -1] & ~(earlier[..., :, -reach:] == later[..., :, -1:]).any(-1)
     news[..., 0, :] |= changed[..., 0, :] & ~(earlier[..., :reach, :] == later[..., :1, :]).any(-2)
     news[..., -1, :] |= changed[..., -1, :] & ~(earlier[..., -reach:, :] == later[..., -1:, :]).any(-2)
     return news
