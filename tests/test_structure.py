@@ -737,9 +737,10 @@ def test_time_limit_stops_with_checkpoint_and_validation(tiny_drive, tmp_path):
 
 def test_the_shipped_checkpoint_loads_and_rolls_out():
     """checkpoints/synth_scroll_structure.pt, the recipe trained 12 minutes: its saved config rebuilds it
-    (half widths, the posterior reading births) and a rollout from a plain context moves."""
+    (half widths, the posterior reading births and ends at the edges) and a rollout from a plain context moves."""
     model = load(ROOT / "checkpoints" / "synth_scroll_structure.pt")
-    assert model.pooled_frames and model.previous_frame and model.posterior_births and model.z_channels == 8
+    assert model.pooled_frames and model.previous_frame and model.posterior_births and model.edge_births
+    assert model.z_channels == 8
     context = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
     context[:, :, 20:] = 3
     frames = model.generate(context, 8, 1, torch.Generator().manual_seed(0))[0, 0]
