@@ -543,14 +543,19 @@ class StructureModel(nn.Module):
         return (codes.view(batch, length, *codes.shape[1:]), [s.view(batch, length, *s.shape[1:]) for s in skips],
                 before)
 
-    def _decode_outputs(self, gs: list, zs: list, skips, outputs, n_past: int) -> torch.Tensor:
+    def _decode_outputs(self, gs: list, zs: list, skips, outputs, n_past: int,
+                        rows: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder's raw output (B * len(outputs), C, H, W) for the teacher-forced outputs j in `outputs`
-        (output j predicts frame j + 1), from _predict's g and z and the clip's skips (B, T, ...)."""
-        g = torch.stack([gs[j] for j in outputs], 1).flatten(0, 1)
-        z = torch.stack([zs[j] for j in outputs], 1).flatten(0, 1) if self.stochastic else None
+        (output j predicts frame j + 1), from _predict's g and z and the clip's skips (B, T, ...); with `rows`
+        (B, len(outputs), bool) only the selected (clip, output) pairs, in row-major order."""
+        def pick(x):  # (B, len(outputs), ...) -> the decoder's batch
+            return x.flatten(0, 1) if rows is None else x[rows].contiguous(memory_format=self.memory_format)
+
+        g = pick(torch.stack([gs[j] for j in outputs], 1))
+        z = pick(torch.stack([zs[j] for j in outputs], 1)) if self.stochastic else None
         # skip source for output j: frame j, or frozen at the last context frame past the context
         sources = [min(j, n_past - 1) if self.skip == "last_context" else j for j in outputs]
-        return self.decode(g, [s[:, sources].flatten(0, 1) for s in skips], z)
+        return self.decode(g, [pick(s[:, sources]) for s in skips], z)
 
     def _predict(self, codes: torch.Tensor, targets: torch.Tensor | None, steps: int,
                  generator: torch.Generator | None = None):
@@ -588,18 +593,24 @@ class StructureModel(nn.Module):
         return gs, zs, kls, kls_prior, kls_posterior
 
     @torch.no_grad()
-    def draft(self, frames: torch.Tensor, n_past: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The model's own predictions (uint8 label maps, B, T-1-n_past, H, W) of frames n_past..T-2 of label clips
-        (B, T, H, W), each from the true frames before it with z from the prior: the drafts that
+    def draft(self, frames: torch.Tensor, n_past: int, generator: torch.Generator | None = None,
+              fraction: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frames n_past..T-2 of label clips (B, T, H, W), each replaced with probability `fraction` by the
+        model's own prediction of it from the true frames before it with z from the prior: the drafts that
         structure.own_inputs feeds back (the context is never replaced, the last frame is only a target).
-        The same values as forward(prior_z=True)'s argmax there, for the same generator, without encoding the
-        last frame, its step, or decoding the context's targets."""
+        Returns them (uint8, B, T-1-n_past, H, W) and which were drafted (bool, B, T-1-n_past). A drafted frame
+        is forward(prior_z=True)'s argmax there, for the same generator; the lean pass encodes no last frame,
+        runs no last step and decodes only the drafted frames (the choice is drawn after the pass's noise)."""
         batch, length = frames.shape[:2]
         codes, skips, _ = self._encode_clips(frames[:, :-1])
         gs, zs, *_ = self._predict(codes, None, length - 2, generator)
-        drafted = range(n_past - 1, length - 2)                 # output j predicts frame j + 1
-        index, _ = kernels.argmax_onehot(self._decode_outputs(gs, zs, skips, drafted, n_past), with_onehot=False)
-        return index.view(batch, len(drafted), *index.shape[1:])
+        outputs = range(n_past - 1, length - 2)                 # output j predicts frame j + 1
+        drafted = torch.rand(batch, len(outputs), generator=generator, device=frames.device) < fraction
+        drafts = frames[:, n_past:-1].clone()
+        if drafted.any():
+            raw = self._decode_outputs(gs, zs, skips, outputs, n_past, rows=drafted)
+            drafts[drafted] = kernels.argmax_onehot(raw, with_onehot=False)[0]
+        return drafts, drafted
 
     def fed_back(self, raw: torch.Tensor):
         """What a prediction feeds back, from the decoder's fp32 output: (frames, None) with the argmax indices

@@ -95,10 +95,9 @@ def own_inputs(model: StructureModel, frames: torch.Tensor, cfg) -> tuple[torch.
     weigh false_birth_weight, so the model learns less to delete what it drew (docs/opening_the_latent.md, MW)."""
     s = cfg.structure
     with common.autocast(frames.device, cfg.run.precision):
-        drafts = model.draft(frames, s.n_past)                # frames n_past..T-2
-    replace = torch.rand(drafts.shape[:2], device=frames.device) < s.own_inputs
+        drafts, _ = model.draft(frames, s.n_past, fraction=s.own_inputs)    # frames n_past..T-2
     inputs = frames.clone()
-    inputs[:, s.n_past:-1][replace] = drafts[replace]
+    inputs[:, s.n_past:-1] = drafts
     if s.false_birth_weight == 1:
         return inputs, None
     # only drafted frames (n_past..T-2) can hold a false birth

@@ -324,11 +324,15 @@ def test_draft_is_the_prior_pass_argmax_on_the_frames_a_later_step_reads(options
     torch.manual_seed(0)
     model = build_model(tiny_cfg(*options))
     frames = random_labels(2, 7, 32, 32, seed=6)
-    drafts = model.draft(frames, 3, generator=torch.Generator().manual_seed(2))
+    drafts, drafted = model.draft(frames, 3, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(frames, 3, generator=torch.Generator().manual_seed(2), prior_z=True)["out"].argmax(2)
-    assert drafts.dtype == torch.uint8 and drafts.shape == (2, 3, 32, 32)
+    assert drafts.dtype == torch.uint8 and drafts.shape == (2, 3, 32, 32) and drafted.all()
     assert torch.equal(drafts, full[:, 2:5].to(torch.uint8))
+    # a fraction drafts a subset (drawn after the pass's noise: the same drafts there) and keeps the true frames
+    some, drafted = model.draft(frames, 3, generator=torch.Generator().manual_seed(2), fraction=0.5)
+    assert drafted.any() and not drafted.all()
+    assert torch.equal(some[drafted], drafts[drafted]) and torch.equal(some[~drafted], frames[:, 3:6][~drafted])
 
 
 def test_fed_drafts_the_posterior_reads_every_true_target_with_the_frame_fed_before_it():
