@@ -8,11 +8,12 @@ from PIL import Image
 
 from data import synthetic
 from data.synthetic import (DANCE_CLASSES, DANCE_PALETTE, DRIVE_CLASSES, DRIVE_PALETTE, LANES_CLASSES, LANES_PALETTE,
-                            SCROLL_CLASSES, SCROLL_PALETTE, generate_sequence, parse_size, write_dataset)
+                            RAIN_CLASSES, RAIN_PALETTE, SCROLL_CLASSES, SCROLL_PALETTE, generate_sequence, parse_size,
+                            write_dataset)
 from evaluate import born_mask
 
 KINDS = {"drive": len(DRIVE_CLASSES), "dance": len(DANCE_CLASSES), "scroll": len(SCROLL_CLASSES),
-         "lanes": len(LANES_CLASSES)}
+         "lanes": len(LANES_CLASSES), "rain": len(RAIN_CLASSES)}
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -49,6 +50,7 @@ def test_constants():
     assert len(set(DANCE_PALETTE)) == 25, "dance part colours must be distinguishable"
     assert len(SCROLL_CLASSES) == len(set(SCROLL_PALETTE)) == 9 and SCROLL_CLASSES[0] == "sky"
     assert len(LANES_CLASSES) == len(set(LANES_PALETTE)) == 7 and LANES_CLASSES[3] == "car"
+    assert len(RAIN_CLASSES) == len(set(RAIN_PALETTE)) == 8 and RAIN_CLASSES[3] == "drop"
 
 
 def _warp(image, flow):
@@ -61,7 +63,8 @@ def _warp(image, flow):
     return F.grid_sample(x, grid, mode="bilinear", align_corners=True)[0].permute(1, 2, 0).numpy(), sx, sy
 
 
-@pytest.mark.parametrize("kind,seed,frames", [("drive", 1, 40), ("dance", 3, 60), ("scroll", 2, 60), ("lanes", 0, 60)])
+@pytest.mark.parametrize("kind,seed,frames", [("drive", 1, 40), ("dance", 3, 60), ("scroll", 2, 60), ("lanes", 0, 60),
+                                              ("rain", 0, 60)])
 def test_flow_warps_previous_frame_onto_current(kind, seed, frames):
     """Warping RGB frame t-1 by flow[t] reproduces frame t where nothing is disoccluded.
 
@@ -182,6 +185,28 @@ def test_lanes_births_only_upstream_and_speeds_vary_by_sequence():
         speeds.add(tuple(sorted(set(np.unique(seq["flow"][1:, 0]).tolist()) - {0.0})))
         assert not seq["flow"][:, 1].any()
     assert len(speeds) == 3, f"lane speeds repeat across sequences: {speeds}"
+
+
+def test_rain_moves_vertically_births_drops_at_the_top_boxes_at_the_bottom_and_changes_in_place():
+    """Drops are born only in the top rows and boxes in the bottom rows (the 2 px they move at most per frame),
+    at irregular times; ice (a drop that froze) and lit lamps appear in place, away from the edges. Each
+    sequence draws its own chute speeds; nothing moves sideways."""
+    speeds = set()
+    for seed in range(3):
+        seq = generate_sequence("rain", seed, 400, 32)
+        labels = seq["label"]
+        born = born_mask(labels, len(RAIN_CLASSES))
+        drop_rows = np.flatnonzero((born & (labels[1:] == 3)).any(axis=(0, 2)))
+        box_rows = np.flatnonzero((born & (labels[1:] == 5)).any(axis=(0, 2)))
+        assert (drop_rows < 2).all() and (box_rows >= 30).all(), f"seed {seed}: drops {drop_rows}, boxes {box_rows}"
+        births = np.flatnonzero((born & np.isin(labels[1:], [3, 5])).any(axis=(1, 2)))
+        assert len(births) >= 40 and len(set(np.diff(births).tolist())) >= 5
+        in_place = born & np.isin(labels[1:], [4, 7])
+        in_place[:, :3] = in_place[:, -3:] = False
+        assert in_place.sum() >= 10, f"seed {seed}: ice and lit lamps appear away from the edges"
+        assert not seq["flow"][:, 0].any()
+        speeds.add(tuple(sorted(set(np.unique(seq["flow"][1:, 1]).tolist()) - {0.0})))
+    assert len(speeds) >= 2, f"chute speeds repeat across sequences: {speeds}"
 
 
 def test_drive_instances_are_stable_objects():

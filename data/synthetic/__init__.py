@@ -6,8 +6,10 @@
                  random births at the edges (the CPU-scale world)
     synth-lanes  lanes of traffic and logs seen from above at 32x32 (7 classes): each     data/synthetic/lanes.py
                  sequence its own speeds, random entries upstream (the held-out check)
+    synth-rain   vertical shafts at 32x32 (8 classes): drops fall, boxes rise, lamps       data/synthetic/rain.py
+                 switch and drops freeze in place (a second held-out check)
 
-All four write label, rgb, instance and exact backward flow for every frame:
+All five write label, rgb, instance and exact backward flow for every frame:
 
     python -m data.synthetic drive --out datasets/synth_drive --sequences 40 --frames 300 --size 64 --seed 0
     python -m data.synthetic dance --out datasets/synth_dance --sequences 40 --frames 300 --size 128x128
@@ -29,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from data.synthetic import dance as synth_dance, drive as synth_drive, lanes as synth_lanes, scroll as synth_scroll
+from data.synthetic import dance as synth_dance, drive as synth_drive, lanes as synth_lanes, rain as synth_rain, \
+    scroll as synth_scroll
 
 GENERATOR_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -42,6 +45,8 @@ SCROLL_CLASSES = synth_scroll.CLASSES
 SCROLL_PALETTE = synth_scroll.PALETTE
 LANES_CLASSES = synth_lanes.CLASSES
 LANES_PALETTE = synth_lanes.PALETTE
+RAIN_CLASSES = synth_rain.CLASSES
+RAIN_PALETTE = synth_rain.PALETTE
 
 KINDS = {
     # kind: (meta kind, class names, palette, fps, frame generator)
@@ -49,6 +54,7 @@ KINDS = {
     "dance": ("synth-dance", DANCE_CLASSES, DANCE_PALETTE, synth_dance.FPS, synth_dance.render_dance),
     "scroll": ("synth-scroll", SCROLL_CLASSES, SCROLL_PALETTE, synth_scroll.FPS, synth_scroll.render_scroll),
     "lanes": ("synth-lanes", LANES_CLASSES, LANES_PALETTE, synth_lanes.FPS, synth_lanes.render_lanes),
+    "rain": ("synth-rain", RAIN_CLASSES, RAIN_PALETTE, synth_rain.FPS, synth_rain.render_rain),
 }
 MODALITIES = ("label", "rgb", "instance", "flow")
 
