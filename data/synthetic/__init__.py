@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from data.synthetic import dance as synth_dance, drive as synth_drive, lanes as synth_lanes, rain as synth_rain, \
-    scroll as synth_scroll
+from data.synthetic import (dance as synth_dance, drive as synth_drive, lanes as synth_lanes, rain as synth_rain,
+                            scroll as synth_scroll)
 
 GENERATOR_VERSION = 1
 SPLITS = ("train", "val", "test")
