@@ -103,11 +103,7 @@ def render_lanes(seed: int, frames: int, size):
                 continue
             # objects leave a 1 px margin of their lane above and below when the lane is tall enough
             inner = band & (rows >= y0 + (y1 - y0 > 3)) & (rows < y1 - (y1 - y0 > 4))
-            for obj in layer.objects:
-                mask = inner & (cols >= obj["x"]) & (cols < obj["x"] + obj["w"])
-                label[mask], instance[mask] = obj["kind"], obj["id"]
-                flow_x[mask] = -layer.shift(t) * (t > 0)
-                anchor[mask] = (cols - obj["x"])[mask]
+            layer.paint(t, inner, cols, label, instance, flow_x, anchor)
         texture = _hash(anchor, rows)
         shade = np.where(label == GRASS, 0.12 * (texture % 4 == 0), 0.0)
         shade += np.where(label == WATER, 0.15 * (texture % 5 == 0), 0)

@@ -111,11 +111,7 @@ def render_rain(seed: int, frames: int, size):
                 continue
             # objects leave a 1 px margin of their column on each side when the column is wide enough
             inner = band & (rows >= x0 + (x1 - x0 > 3)) & (rows < x1 - (x1 - x0 > 4))
-            for obj in layer.objects:
-                mask = inner & (cols >= obj["x"]) & (cols < obj["x"] + obj["w"])
-                label[mask], instance[mask] = obj["kind"], obj["id"]
-                flow_along[mask] = -layer.shift(t) * (t > 0)
-                anchor[mask] = (cols - obj["x"])[mask]
+            layer.paint(t, inner, cols, label, instance, flow_along, anchor)
         texture = _hash(anchor, rows)
         shade = np.where(label == WALL, 0.12 * (texture % 4 == 0), 0.0)                      # bricks
         shade += np.where((label == CHUTE) | (label == SHAFT), 0.15 * (texture % 5 == 0), 0)

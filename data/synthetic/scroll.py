@@ -56,6 +56,15 @@ class Layer:
         self.objects = [o for o in self.objects if o["x"] + o["w"] > 0 and o["x"] < self.width]
         self.fill()
 
+    def paint(self, t: int, inside, cols, label, instance, flow_x, anchor) -> None:
+        """Draws the objects at frame t into the pixels `inside` (one band; an object covers its columns there):
+        class, instance id, flow along x and the texture anchor, written into those arrays."""
+        for obj in self.objects:
+            mask = inside & (cols >= obj["x"]) & (cols < obj["x"] + obj["w"])
+            label[mask], instance[mask] = obj["kind"], obj["id"]
+            flow_x[mask] = -self.shift(t) * (t > 0)
+            anchor[mask] = (cols - obj["x"])[mask]
+
     def fill(self) -> None:
         """Spawn every object whose position has scrolled into (or is about to scroll into) the frame."""
         while True:
