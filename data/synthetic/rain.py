@@ -10,7 +10,7 @@ The frame is a row of vertical columns, 4-6 px wide (scaled with the width), eac
 
 Drops enter at the top and boxes at the bottom after a geometric gap drawn when needed. What synth-scroll and
 synth-lanes lack: the motion is vertical, and some events happen in place (a lamp switching, a drop turning
-to ice) rather than at the frame's edge, so a model that only learns births at the edges loses them.
+to ice) rather than at the frame's edge.
 """
 from __future__ import annotations
 
