@@ -26,6 +26,13 @@ GRASS, ROAD, WATER, CAR, TRUCK, LOG, LILY = range(len(CLASSES))
 FPS = 10
 
 
+def band_end(rng, start: int, extent: int, scale: float) -> int:
+    """Where a lane (or a synth-rain column) that begins at `start` ends: 4-6 px wide at 32 px (times `scale`),
+    stretched to `extent` when less than 3 px would be left beyond it (no sliver)."""
+    end = min(extent, start + max(3, round(int(rng.integers(4, 7)) * scale)))
+    return extent if extent - end < max(3, round(3 * scale)) else end
+
+
 class LanesWorld:
     def __init__(self, seed: int, size):
         self.height, self.width = height, width = size
@@ -40,10 +47,7 @@ class LanesWorld:
         self.next_id = 1
         top = 0
         while top < height:
-            lane_height = max(3, round(int(rng.integers(4, 7)) * sy))
-            bottom = min(height, top + lane_height)
-            if height - bottom < max(3, round(3 * sy)):     # no sliver at the bottom
-                bottom = height
+            bottom = band_end(rng, top, height, sy)
             kind = int(rng.choice([GRASS, ROAD, WATER], p=[0.25, 0.45, 0.30]))
             lane = {"kind": kind, "top": top, "bottom": bottom, "layer": None, "lilies": []}
             if kind != GRASS:

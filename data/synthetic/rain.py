@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from data.synthetic.lanes import band_end
 from data.synthetic.scroll import Layer, _hash
 
 CLASSES = ("wall", "chute", "shaft", "drop", "ice", "box", "lamp off", "lamp on")
@@ -42,9 +43,7 @@ class RainWorld:
         self.columns, self.next_id = [], 1
         left = 0
         while left < across:
-            right = min(across, left + max(3, round(int(rng.integers(4, 7)) * s_across)))
-            if across - right < max(3, round(3 * s_across)):      # no sliver at the right
-                right = across
+            right = band_end(rng, left, across, s_across)
             kind = int(rng.choice([WALL, CHUTE, SHAFT], p=[0.3, 0.45, 0.25]))
             column = {"kind": kind, "left": left, "right": right, "layer": None, "lamps": []}
             if kind == CHUTE:    # direction +1 along the built axis: downwards once transposed
