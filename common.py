@@ -712,12 +712,15 @@ def read_checkpoint(path) -> dict:
 
 # keys renamed since checkpoints were first written: (section, old name) -> new name
 RENAMED_KEYS = {("structure", "iterations"): "steps", ("structure", "ckpt_every"): "save_every"}
+# options removed since (they did not help; docs/ keeps the record): (section, name) -> the value the code still
+# implements, which a checkpoint may carry; any other value names a model this code cannot rebuild
+RETIRED_KEYS = {("structure", "prior_weights"): "learnt"}
 
 
-def saved_config(payload: dict) -> Config:
+def saved_config(payload: dict, path="checkpoint") -> Config:
     """A checkpoint's config over the schema defaults: a key added to the schema after the checkpoint was
     written reads as its default, which is what the checkpoint was trained with; a renamed key reads under
-    its new name."""
+    its new name; a retired key is dropped when it holds the behaviour kept, refused otherwise."""
     def overlay(base, saved):
         for key, value in saved.items():
             base[key] = overlay(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
@@ -726,12 +729,17 @@ def saved_config(payload: dict) -> Config:
     for (section, old), new in RENAMED_KEYS.items():
         if old in saved.get(section, {}):
             saved[section][new] = saved[section].pop(old)
+    for (section, key), kept in RETIRED_KEYS.items():
+        value = saved.get(section, {}).pop(key, kept)
+        if value != kept:
+            raise CheckpointError(f"{path} was trained with {section}.{key}={value!r}, an option since removed "
+                                  f"(only {kept!r} is built)")
     return Config.from_dict(overlay(load_schema(), saved))
 
 
 def check_compatible(payload: dict, cfg: Config, keys: list[str], path="checkpoint") -> None:
     """Refuse a checkpoint whose architecture-defining keys (classes, resolution, widths) differ."""
-    saved = saved_config(payload)
+    saved = saved_config(payload, path)
     for key in keys:
         try:
             old = saved.get_path(key)
@@ -785,7 +793,7 @@ def load_trained(path, module: str, build, cfg: Config | None = None, check_keys
         check_compatible(payload, cfg, list(check_keys), path)
     if module not in payload["modules"]:   # before building a model from the config of something else
         raise CheckpointError(f"{path} holds {sorted(payload['modules'])}, not a {module!r} network")
-    trained_config = saved_config(payload)
+    trained_config = saved_config(payload, path)
     model = build(trained_config)
     _restore(payload, path, modules={module: model})
     model.trained_config = trained_config

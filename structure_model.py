@@ -37,7 +37,6 @@ import kernels
 VARIANTS = ("svg", "lstm", "cnn", "soft", "rgb")
 SKIP_MODES = ("previous", "last_context")
 LATENTS = ("gaussian", "mixture")
-PRIOR_WEIGHTS = ("learnt", "uniform")
 STOCHASTIC = ("svg", "soft", "rgb")
 
 
@@ -287,35 +286,25 @@ def gaussian_log_density(z, mu, logvar) -> torch.Tensor:
 
 class MixturePriorLatent:
     """The paper's Gaussian posterior with a prior that is a mixture of `components` diagonal Gaussians per
-    latent cell. A cell where an object enters now and then needs a prior with two modes, "nothing" and
-    "an object", which one Gaussian can only cover by spreading between them (docs/opening_the_latent.md).
-    The KL has no closed form: it is estimated at the posterior's sample z, log q(z) - log p(z) (summed
-    over cells), an unbiased estimate whose gradient fits the mixture to the posterior's samples. A prior
-    sample picks a component per cell by inverse CDF from one extra noise channel (through its N(0, 1)
-    CDF), then draws from that Gaussian.
+    latent cell, with learnt weights. A cell where an object enters now and then needs a prior with two modes,
+    "nothing" and "an object", which one Gaussian can only cover by spreading between them
+    (docs/opening_the_latent.md). The KL has no closed form: it is estimated at the posterior's sample z,
+    log q(z) - log p(z) (summed over cells), an unbiased estimate whose gradient fits the mixture to the
+    posterior's samples. A prior sample picks a component per cell by inverse CDF from one extra noise channel
+    (through its N(0, 1) CDF), then draws from that Gaussian."""
 
-    weights="uniform" fixes the mixture weights at 1/components, so where events can happen is said by the
-    components' means, which follow the cell's features: learnt weights came out as each component's
-    frequency over all cells, the same at a lane's entry as mid-lane, and rolled out half the births
-    (docs/opening_the_latent.md, "Where the prior's weights go")."""
-
-    def __init__(self, z_channels: int, components: int, weights: str = "learnt"):
+    def __init__(self, z_channels: int, components: int):
         if components < 2:
             raise ValueError(f"structure.prior_components={components} must be >= 2")
-        if weights not in PRIOR_WEIGHTS:
-            raise ValueError(f"structure.prior_weights must be one of {', '.join(PRIOR_WEIGHTS)}, got {weights!r}")
-        self.z_channels, self.components, self.learn_weights = z_channels, components, weights == "learnt"
+        self.z_channels, self.components = z_channels, components
         self.posterior_channels = 2 * z_channels
-        self.prior_channels = components * (2 * z_channels + (1 if self.learn_weights else 0))
+        self.prior_channels = components * (2 * z_channels + 1)
         self.noise_channels = z_channels + 1
 
     def mixture(self, p: torch.Tensor):
-        """Prior statistics -> mu, logvar (B, K, Z, h, w) and log mixture weights (B, K, h, w), or (1, K, 1, 1)
-        when uniform (they broadcast; nothing per cell to allocate on a rollout step)."""
+        """Prior statistics -> mu, logvar (B, K, Z, h, w) and log mixture weights (B, K, h, w)."""
         k, z = self.components, self.z_channels
         mu, logvar = p[:, :2 * k * z].unflatten(1, (2, k, z)).unbind(1)
-        if not self.learn_weights:
-            return mu, logvar, p.new_full((1, k, 1, 1), -math.log(k))
         return mu, logvar, p[:, 2 * k * z:].log_softmax(1)
 
     def sample_posterior(self, stats: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -379,7 +368,7 @@ def _assign(buffers, values):
 class StructureModel(nn.Module):
     def __init__(self, *, variant: str, num_classes: int, size, blocks, h_channels: int, z_channels: int,
                  lstm_width: int, posterior_layers: int, predictor_layers: int, skip: str, latent: str = "gaussian",
-                 prior_components: int = 8, prior_weights: str = "learnt", z_to_decoder: bool = False, z_pool: int = 1,
+                 prior_components: int = 8, z_to_decoder: bool = False, z_pool: int = 1,
                  previous_frame: bool = False, pooled_frames: bool = False, posterior_births: bool = False,
                  edge_births: bool = False):
         super().__init__()
@@ -419,7 +408,7 @@ class StructureModel(nn.Module):
                                z_channels if self.z_to_decoder else 0)
         if self.stochastic:
             self.latent = (GaussianLatent(z_channels) if latent == "gaussian"
-                           else MixturePriorLatent(z_channels, prior_components, prior_weights))
+                           else MixturePriorLatent(z_channels, prior_components))
             # with posterior_births the posterior also reads where each class was born (posterior_input)
             posterior_in = self.code_channels + (num_classes if self.posterior_births else 0)
             self.posterior = LatentLSTM(posterior_in, lstm_width, posterior_layers, self.latent.posterior_channels,
@@ -770,8 +759,7 @@ class StructureModel(nn.Module):
 # Keys that define the weights' shapes: a training run resumed from a checkpoint with other values is refused.
 ARCH_KEYS = ["structure.variant", "structure.encoder_blocks", "structure.width_mult", "structure.lstm_width",
              "structure.lstm_mult", "structure.h_channels", "structure.z_channels", "structure.posterior_layers",
-             "structure.predictor_layers", "structure.latent", "structure.prior_components",
-             "structure.prior_weights", "structure.z_to_decoder",
+             "structure.predictor_layers", "structure.latent", "structure.prior_components", "structure.z_to_decoder",
              "structure.z_pool", "structure.previous_frame", "structure.pooled_frames", "structure.posterior_births",
              "data.num_classes", "data.size"]
 
@@ -803,7 +791,7 @@ def build_model(cfg) -> StructureModel:
                               h_channels=s.h_channels, z_channels=s.z_channels,
                               lstm_width=max(1, round(s.lstm_width * s.lstm_mult)),
                               posterior_layers=s.posterior_layers, predictor_layers=s.predictor_layers, skip=s.skip,
-                              latent=s.latent, prior_components=s.prior_components, prior_weights=s.prior_weights,
+                              latent=s.latent, prior_components=s.prior_components,
                               z_to_decoder=s.z_to_decoder, z_pool=s.z_pool,
                               previous_frame=s.previous_frame, pooled_frames=s.pooled_frames,
                               posterior_births=s.posterior_births, edge_births=s.edge_births)

@@ -92,6 +92,20 @@ def test_a_renamed_key_reads_under_its_new_name():
     assert "iterations" not in config.structure and "ckpt_every" not in config.structure
 
 
+def test_a_retired_key_is_dropped_when_it_holds_the_kept_behaviour_and_refused_otherwise():
+    """structure.prior_weights left the code (only learnt weights are built): a checkpoint that saved it as learnt
+    loads, one trained with uniform weights is refused with the file and the value."""
+    saved = common.load_config(None).to_dict()
+    saved["structure"]["prior_weights"] = "learnt"
+    assert "prior_weights" not in common.saved_config({"config": saved}, "old.pt").structure
+    saved["structure"]["prior_weights"] = "uniform"
+    with pytest.raises(common.CheckpointError, match="old.pt was trained with structure.prior_weights='uniform', an "
+                                                      "option since removed"):
+        common.saved_config({"config": saved}, "old.pt")
+    with pytest.raises(common.ConfigError, match="unknown config key 'structure.prior_weights'"):
+        common.load_config(None, ["structure.prior_weights=learnt"])
+
+
 def test_unreadable_checkpoint_names_file(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

@@ -1,7 +1,6 @@
 """Structure generator: paper shapes and parameter counts, training, DDP, resume, rollout step API."""
 import gc
 import hashlib
-import math
 import os
 import resource
 import subprocess
@@ -193,31 +192,6 @@ def test_mixture_prior_latent_samples_its_components_and_estimates_the_kl_withou
     context = random_labels(2, 3, 32, 32)
     first = model.generate(context, 6, samples=2, generator=torch.Generator().manual_seed(0))
     assert torch.equal(first, model.generate(context, 6, samples=2, generator=torch.Generator().manual_seed(0)))
-
-
-def test_uniform_prior_weights_pick_every_component_equally_and_carry_no_weight_channels():
-    from structure_model import MixturePriorLatent, gaussian_log_density
-    latent = MixturePriorLatent(3, 4, "uniform")
-    assert latent.prior_channels == 4 * 2 * 3
-    means = (10.0 * torch.arange(4.0)).repeat_interleave(3).view(1, 12, 1, 1)
-    prior = torch.cat([means, torch.full((1, 12, 1, 1), -20.0)], 1).expand(40000, -1, -1, -1)
-    picked = (latent.sample_prior(prior, torch.randn(40000, 4, 1, 1, generator=torch.Generator().manual_seed(0)))
-              / 10).round().long()
-    assert torch.allclose(torch.bincount(picked[:, 0].flatten(), minlength=4) / 40000.0, torch.full((4,), 0.25),
-                          atol=0.01)
-    # the KL estimate at a z on one component's mean: log q(z) - log(1/4 N(z; that mean, its variance))
-    q = torch.cat([torch.full((1, 3, 1, 1), 20.0), torch.zeros(1, 3, 1, 1)], 1)
-    z = torch.full((1, 3, 1, 1), 20.0)
-    expected = gaussian_log_density(z, q[:, :3], q[:, 3:]).sum() - (math.log(0.25) + gaussian_log_density(
-        z, z, torch.full_like(z, -20.0)).sum())
-    assert torch.allclose(latent.kl(q, prior[:1], z), expected.view(1), rtol=1e-5)
-    model = build_model(tiny_cfg("structure.latent=mixture", "structure.prior_components=4",
-                                 "structure.prior_weights=uniform")).eval()
-    assert model.prior.to_stats.out_channels == 4 * 2 * model.z_channels
-    out = model(random_labels(2, 5, 32, 32), 2, generator=torch.Generator().manual_seed(0))
-    assert torch.isfinite(out["kl"]).all()
-    with pytest.raises(common.ConfigError, match="prior_weights"):
-        build_model(tiny_cfg("structure.latent=mixture", "structure.prior_weights=even"))
 
 
 def test_z_to_decoder_feeds_z_into_every_decoder_block():
