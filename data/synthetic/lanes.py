@@ -17,20 +17,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from data.synthetic.scroll import Layer, _hash
+from data.synthetic.scroll import Layer, _hash, band_end
 
 CLASSES = ("grass", "road", "water", "car", "truck", "log", "lily pad")
 PALETTE = ((90, 170, 70), (70, 70, 80), (50, 110, 200), (220, 50, 50), (240, 170, 40), (130, 80, 40),
            (40, 210, 120))
 GRASS, ROAD, WATER, CAR, TRUCK, LOG, LILY = range(len(CLASSES))
 FPS = 10
-
-
-def band_end(rng, start: int, extent: int, scale: float) -> int:
-    """Where a lane (or a synth-rain column) that begins at `start` ends: 4-6 px wide at 32 px (times `scale`),
-    stretched to `extent` when less than 3 px would be left beyond it (no sliver)."""
-    end = min(extent, start + max(3, round(int(rng.integers(4, 7)) * scale)))
-    return extent if extent - end < max(3, round(3 * scale)) else end
 
 
 class LanesWorld:

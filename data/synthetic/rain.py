@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data.synthetic.lanes import band_end
-from data.synthetic.scroll import Layer, _hash
+from data.synthetic.scroll import Layer, _hash, band_end
 
 CLASSES = ("wall", "chute", "shaft", "drop", "ice", "box", "lamp off", "lamp on")
 PALETTE = ((120, 110, 100), (40, 40, 60), (90, 70, 50), (60, 140, 240), (200, 240, 255), (200, 150, 60),

@@ -28,6 +28,13 @@ SKY, CLOUD, HILL, GRASS, ROAD, HOUSE, TREE, POLE, CAR = range(len(CLASSES))
 FPS = 10
 
 
+def band_end(rng, start: int, extent: int, scale: float) -> int:
+    """Where a lane (or a synth-rain column) that begins at `start` ends: 4-6 px wide at 32 px (times `scale`),
+    stretched to `extent` when less than 3 px would be left beyond it (no sliver)."""
+    end = min(extent, start + max(3, round(int(rng.integers(4, 7)) * scale)))
+    return extent if extent - end < max(3, round(3 * scale)) else end
+
+
 class Layer:
     """Objects on one horizontal band that all move `speed` px per moving frame in `direction` (-1 left,
     +1 right), every `period`-th frame. New objects enter at the upstream edge after a geometric gap."""
@@ -59,10 +66,11 @@ class Layer:
     def paint(self, t: int, inside, cols, label, instance, flow_x, anchor) -> None:
         """Draws the objects at frame t into the pixels `inside` (one band; an object covers its columns there):
         class, instance id, flow along x and the texture anchor, written into those arrays."""
+        flow = -self.shift(t) * (t > 0)
         for obj in self.objects:
             mask = inside & (cols >= obj["x"]) & (cols < obj["x"] + obj["w"])
             label[mask], instance[mask] = obj["kind"], obj["id"]
-            flow_x[mask] = -self.shift(t) * (t > 0)
+            flow_x[mask] = flow
             anchor[mask] = (cols - obj["x"])[mask]
 
     def fill(self) -> None:
