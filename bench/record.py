@@ -39,7 +39,8 @@ def append_csv(path, rows: list[dict], fields: list[str] | None = None) -> None:
     if old and old.splitlines()[0].split(",") != fields:
         raise SystemExit(f"{path}: header differs from {fields}; move the file aside")
     text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=fields)
+    # "\n" as read_text() hands back the old rows: csv's default "\r\n" left a file mixing the two
+    writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\n")
     if not old:
         writer.writeheader()
     writer.writerows(rows)
