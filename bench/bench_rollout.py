@@ -12,8 +12,9 @@ steps / time), peak memory, the FLOPs of one step per frame (torch.utils.flop_co
 achieved fraction of this device's ceiling measured in the same run (ceiling_rate: the best of a matmul
 and the generators' 3x3 convolutions at the same precision, threads and TF32 setting). Fused kernels
 need a CUDA device (on CPU Triton only runs in the interpreter, which is a test path, not a speed
-path); CUDA graphs need CUDA; bf16 runs where autocast supports it. Weights are random: the cost
-of a step does not depend on them. Prints a table and appends rows to bench/rollout.csv.
+path); CUDA graphs need CUDA; bf16 runs where the device computes it natively (run.precision=auto's
+rule). Weights are random: the cost of a step does not depend on them. Prints a table and appends rows
+to bench/rollout.csv.
 """
 from __future__ import annotations
 
@@ -167,7 +168,8 @@ def main(argv=None):
     on_cuda = device.type == "cuda"
     triton_ok = on_cuda and torch.cuda.get_device_capability(device) >= (8, 0)
     modes = [("eager", "torch", False)] + ([("fused", "triton", False), ("fused+graph", "triton", True)] if triton_ok else [])
-    precisions = ["fp32", "bf16"]
+    # emulated bf16 (a CPU without AVX512-BF16 / AMX) runs ~50x slower than fp32 and says nothing about a rollout
+    precisions = ["fp32"] + (["bf16"] if common.resolve_precision("auto", device) == "bf16" else [])
     structure = structure_model.build_model(cfg).to(device).for_rollout(channels_last=False)
     contiguous = structure
     if cfg.rollout.channels_last:   # the rollout's layout; contiguous measured beside it on CPU

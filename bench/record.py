@@ -20,7 +20,11 @@ def device_name(device: torch.device) -> str:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
     except OSError:
         pass
-    return f"CPU {model} ({torch.get_num_threads()} threads)"
+    # the vector ISA torch dispatches to and native bf16 tell apart machines that share a model name
+    # (AMD EPYC with AVX2 only, or with AVX-512 and AVX512-BF16), whose speeds and precision differ
+    isa = torch.backends.cpu.get_cpu_capability()
+    bf16 = ", native bf16" if common.cpu_has_native_bf16() else ""
+    return f"CPU {model} {isa}{bf16} ({torch.get_num_threads()} threads)"
 
 
 def triton_version() -> str:
